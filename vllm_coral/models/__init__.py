@@ -1,0 +1,2 @@
+"""Plain-torch drafter definitions, frozen-dataclass configs, checkpoint I/O, and the
+embedded default target model (``targets``)."""
