@@ -202,7 +202,7 @@ def _convert(spec: TargetSpec, gguf: Path, out_dir: Path) -> None:
         raise TargetModelError(f"{gguf}: the GGUF carries no chat template")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     config = model.config
-    arch = (config.architectures or ["?"])[0]
+    arch = type(model).__name__
     if (arch, config.hidden_size, config.vocab_size) != (
         spec.architecture,
         spec.hidden_size,
@@ -218,7 +218,8 @@ def _convert(spec: TargetSpec, gguf: Path, out_dir: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model.hf_quantizer = None
-    model.config.dtype = "float32"
+    config.dtype = "float32"
+    config.architectures = [arch]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -235,6 +236,10 @@ def _convert(spec: TargetSpec, gguf: Path, out_dir: Path) -> None:
             "files": files,
         }
         (tmp / _PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        # mkdtemp and safetensors create owner-only modes; the cache is meant to be shared.
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

