@@ -26,6 +26,9 @@ Patches (vLLM 0.32.0, CPU platform only):
     moves float32 to the front of ``CpuPlatform.supported_dtypes`` so "auto" keeps fp32.
     CPUs with native bf16 are left alone (bf16 measured faster there). ``--dtype`` always
     wins; ``VLLM_CORAL_CPU_PREFER_FP32=0|1`` forces the choice.
+
+``VLLM_CORAL_DISABLE_PATCHES=name[,name...]`` skips patches by name (to reproduce an
+upstream bug, or once upstream has fixed it).
 """
 
 from __future__ import annotations
@@ -175,9 +178,10 @@ def apply_cpu_patches(vllm_version: str) -> list[str]:
             ", ".join(p.name for p in PATCHES),
         )
         return []
+    disabled = {n.strip() for n in os.environ.get("VLLM_CORAL_DISABLE_PATCHES", "").split(",")}
     applied = []
     for patch in PATCHES:
-        if patch.name in _ORIGINALS or not patch.wanted():
+        if patch.name in _ORIGINALS or patch.name in disabled or not patch.wanted():
             continue
         patch.apply()
         applied.append(patch.name)

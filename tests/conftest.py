@@ -1,0 +1,33 @@
+"""Test setup shared by every test.
+
+Environment first, before anything imports the code under test:
+- ``HF_HUB_OFFLINE=1``: nothing may download from a model hub.
+- ``TRITON_INTERPRET=1`` when there is no CUDA: Triton chooses its interpreter when a
+  kernel is *defined*, so it must be set before ``vllm_coral.kernels`` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def target_path():
+    """The converted SmolLM2-135M-Instruct checkpoint (converted once per cache)."""
+    from vllm_coral.models.targets import fetch_target
+
+    return fetch_target("smollm2-135m", progress=False)
