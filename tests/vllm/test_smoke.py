@@ -20,25 +20,9 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
+from .conftest import CONVERSATIONS, MAX_TOKENS, PROMPTS
+
 K = 3
-PROMPTS = [
-    "What is 2+2?",
-    "Write a haiku about autumn leaves.",
-    "Name three primary colors.",
-    "Explain what a CPU does in one sentence.",
-]
-CONVERSATIONS = [[{"role": "user", "content": p}] for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def target_run(target_path):
-    from vllm import SamplingParams
-
-    from vllm_coral.plugin.engine import engine_kwargs, open_llm, timed_chat
-
-    with open_llm(**engine_kwargs(target_path, dtype="float32")) as llm:
-        greedy = timed_chat(llm, CONVERSATIONS, SamplingParams(temperature=0.0, max_tokens=48))
-    return greedy
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +38,26 @@ def self_draft_runs(target_path):
         "draft_sample_method": "probabilistic",
     }
     with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=spec)) as llm:
-        greedy = timed_chat(llm, CONVERSATIONS, SamplingParams(temperature=0.0, max_tokens=48))
+        greedy = timed_chat(llm, CONVERSATIONS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
         sampled = timed_chat(
             llm,
             CONVERSATIONS,
             # Temperature only: vLLM's drafter ignores top-p/top-k (llm_base_proposer.py
             # compute_probs_and_sample_next_token), so with them q != p by design.
-            SamplingParams(temperature=0.8, max_tokens=48, seed=1234),
+            SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=1234),
         )
     return greedy, sampled
 
 
-def test_target_generates_from_chat_prompt(target_run):
-    assert all(len(t) > 0 for t in target_run.token_ids)
-    assert "4" in target_run.texts[0], target_run.texts[0]
-    assert target_run.spec.num_drafts == 0
+def test_target_generates_from_chat_prompt(target_greedy):
+    assert all(len(t) > 0 for t in target_greedy.token_ids)
+    assert "4" in target_greedy.texts[0], target_greedy.texts[0]
+    assert target_greedy.spec.num_drafts == 0
 
 
-def test_self_drafting_is_token_identical_at_t0(target_run, self_draft_runs):
+def test_self_drafting_is_token_identical_at_t0(target_greedy, self_draft_runs):
     greedy, _ = self_draft_runs
-    for prompt, want, got in zip(PROMPTS, target_run.token_ids, greedy.token_ids):
+    for prompt, want, got in zip(PROMPTS, target_greedy.token_ids, greedy.token_ids):
         assert got == want, f"{prompt!r}: speculative output diverged from the target"
 
 
@@ -112,7 +96,7 @@ def test_without_the_patch_t_positive_acceptance_collapses(target_path, monkeypa
     }
     with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=spec)) as llm:
         run = timed_chat(
-            llm, CONVERSATIONS, SamplingParams(temperature=0.8, max_tokens=48, seed=1234)
+            llm, CONVERSATIONS, SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=1234)
         )
     assert run.spec.num_drafts > 10
     assert max(run.spec.acceptance_per_position) < 0.5, run.spec.acceptance_per_position

@@ -1,0 +1,193 @@
+"""EAGLE-style feature-level drafter (EAGLE-1/2, and the base of HASS and CORAL).
+
+At sequence index t the drafter sees the target's post-norm feature f_t and the embedding
+of the *next* token x_{t+1}, at RoPE position t (vLLM shifts input ids left by one and
+keeps the target's positions; ``vllm/v1/spec_decode/llm_base_proposer.py``)::
+
+    x_t     = fc(concat(E[x_{t+1}], f_t))        # 2H -> H; vLLM's order: embedding first
+    h_{t+1} = LlamaDecoderLayer(x)_t             # one layer, no input norm, causal
+    logits  = W_lm h_{t+1}                       # the target's LM head, frozen and shared
+
+Drafting feeds h_{t+1} back in place of f_{t+1}. The target's embedding E and head W are
+not part of the checkpoint: vLLM shares the target's when the checkpoint has none, and
+training passes them in frozen (``vllm_coral.models.target.TargetHead``).
+
+The checkpoint is exactly what vLLM's built-in ``"method": "eagle"`` loads
+(``EagleLlamaForCausalLM``): ``fc.weight`` [H, 2H] and ``layers.0.*`` without
+``input_layernorm``, with a Llama ``config.json`` of one layer. ``EagleDrafter.TENSORS``
+is the one weight-name map; saving and loading both check against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vllm_coral.models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from vllm_coral.models.llama_layer import LlamaDecoderLayer, LlamaLayerShape, rope_cos_sin
+
+__all__ = ["EagleConfig", "EagleDrafter", "eagle_tensor_shapes"]
+
+ARCHITECTURE = "EagleLlamaForCausalLM"
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    # Model width; must equal the target's hidden size.
+    hidden_size: int
+    # MLP width of the drafter layer (the target's by default).
+    intermediate_size: int
+    # Query heads of the drafter layer.
+    num_attention_heads: int
+    # Key/value heads (GQA).
+    num_key_value_heads: int
+    # Per-head width.
+    head_dim: int
+    # The target's vocabulary size (its embedding and LM head are shared).
+    vocab_size: int
+    # RMSNorm epsilon.
+    rms_norm_eps: float = 1e-5
+    # RoPE base; the target's.
+    rope_theta: float = 10000.0
+    # Longest sequence the drafter is served with.
+    max_position_embeddings: int = 2048
+    # dtype recorded in config.json (vLLM's "auto" reads it).
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.layer_shape()  # validates sizes and head counts
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.torch_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
+
+    def layer_shape(self) -> LlamaLayerShape:
+        return LlamaLayerShape(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+        )
+
+    @classmethod
+    def from_target(cls, target_config: dict, **overrides) -> EagleConfig:
+        """Drafter config matching a target's HF ``config.json`` (a dict)."""
+        rope = target_config.get("rope_parameters") or {}
+        heads = target_config["num_attention_heads"]
+        values = dict(
+            hidden_size=target_config["hidden_size"],
+            intermediate_size=target_config["intermediate_size"],
+            num_attention_heads=heads,
+            num_key_value_heads=target_config.get("num_key_value_heads", heads),
+            head_dim=target_config.get("head_dim") or target_config["hidden_size"] // heads,
+            vocab_size=target_config["vocab_size"],
+            rms_norm_eps=target_config.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", target_config.get("rope_theta", 10000.0)),
+            max_position_embeddings=target_config.get("max_position_embeddings", 2048),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EagleConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown EagleConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_hf_config(self, extra: dict | None = None) -> dict:
+        """The ``config.json`` vLLM's EAGLE loader reads (Llama fields, one layer)."""
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "torch_dtype": self.torch_dtype,
+            "vllm_coral": {"family": "eagle", "config": self.to_dict(), **(extra or {})},
+        }
+
+
+def eagle_tensor_shapes(c: EagleConfig) -> dict[str, tuple[int, ...]]:
+    """The one weight-name map: checkpoint tensor name -> shape."""
+    H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
+    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    return {
+        "fc.weight": (H, 2 * H),
+        "layers.0.self_attn.q_proj.weight": (q, H),
+        "layers.0.self_attn.k_proj.weight": (kv, H),
+        "layers.0.self_attn.v_proj.weight": (kv, H),
+        "layers.0.self_attn.o_proj.weight": (H, q),
+        "layers.0.post_attention_layernorm.weight": (H,),
+        "layers.0.mlp.gate_proj.weight": (I, H),
+        "layers.0.mlp.up_proj.weight": (I, H),
+        "layers.0.mlp.down_proj.weight": (H, I),
+    }
+
+
+class EagleDrafter(nn.Module):
+    def __init__(self, config: EagleConfig) -> None:
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config.layer_shape())])
+
+    def forward(
+        self,
+        input_embeds: torch.Tensor,  # [B, S, H] E[x_{t+1}]
+        features: torch.Tensor,  # [B, S, H] f_t (target) or h_t (the drafter's own)
+        positions: torch.Tensor,  # [B, S] or [S] RoPE positions t
+        attn_mask: torch.Tensor | None = None,  # [B or 1, 1, S, S] bool, None = causal
+    ) -> torch.Tensor:  # [B, S, H] predicted h_{t+1}
+        x = self.fc(torch.cat((input_embeds, features), dim=-1))
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        return self.layers[0](x, cos, sin, attn_mask)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write a checkpoint that plain vLLM serves with ``"method": "eagle"``."""
+        tensors = {k: v.to(getattr(torch, self.config.torch_dtype)) for k, v in self.state_dict().items()}
+        return save_checkpoint(
+            directory, self.config.to_hf_config(extra), tensors, eagle_tensor_shapes(self.config)
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path, *, target_config: dict | None = None) -> EagleDrafter:
+        """Load a checkpoint; with ``target_config``, refuse one trained for another target."""
+        hf = read_config(directory)
+        meta = hf.get("vllm_coral", {})
+        if meta.get("family") != "eagle":
+            raise CheckpointError(f"{directory}: not an EAGLE drafter (vllm_coral.family={meta.get('family')!r})")
+        config = EagleConfig.from_dict(meta["config"])
+        if target_config is not None:
+            for key in ("hidden_size", "vocab_size"):
+                if config.to_dict()[key] != target_config[key]:
+                    raise CheckpointError(
+                        f"{directory}: drafter {key}={config.to_dict()[key]} does not match the "
+                        f"target's {key}={target_config[key]}"
+                    )
+        model = cls(config)
+        model.load_state_dict(load_checkpoint(directory, eagle_tensor_shapes(config)))
+        return model

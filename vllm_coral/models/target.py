@@ -1,0 +1,74 @@
+"""The target's frozen token embedding and LM head, shared by every feature-level drafter.
+
+Read straight from the target checkpoint's safetensors (``model.embed_tokens.weight`` and
+``lm_head.weight``; a tied head reuses the embedding), without building the target model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from vllm_coral.models.checkpoint import CheckpointError
+
+__all__ = ["TargetHead"]
+
+_EMBED = "model.embed_tokens.weight"
+_HEAD = "lm_head.weight"
+
+
+@dataclass
+class TargetHead:
+    # The target's HF config.json.
+    config: dict
+    # [V, H] token embedding E, frozen.
+    embed: torch.Tensor
+    # [V, H] LM head W, frozen (the same tensor as ``embed`` when tied).
+    lm_head: torch.Tensor
+
+    @classmethod
+    def load(cls, target_dir: str | Path, dtype: torch.dtype = torch.float32) -> TargetHead:
+        target_dir = Path(target_dir)
+        try:
+            config = json.loads((target_dir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{target_dir}/config.json: unreadable ({e})") from None
+        found: dict[str, torch.Tensor] = {}
+        for path in sorted(target_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for name in (_EMBED, _HEAD):
+                    if name in f.keys():
+                        found[name] = f.get_tensor(name)
+        if _EMBED not in found:
+            raise CheckpointError(f"{target_dir}: no {_EMBED} in its safetensors files")
+        embed = found[_EMBED].to(dtype)
+        if _HEAD in found:
+            head = found[_HEAD].to(dtype)
+        elif config.get("tie_word_embeddings", False):
+            head = embed
+        else:
+            raise CheckpointError(f"{target_dir}: no {_HEAD} and tie_word_embeddings is false")
+        expected = (config["vocab_size"], config["hidden_size"])
+        for name, t in ((_EMBED, embed), (_HEAD, head)):
+            if tuple(t.shape) != expected:
+                raise CheckpointError(f"{target_dir}: {name} is {list(t.shape)}, config says {list(expected)}")
+        return cls(config=config, embed=embed.requires_grad_(False), lm_head=head.requires_grad_(False))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., H]
+        return F.embedding(ids, self.embed)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V]
+        return h @ self.lm_head.T
