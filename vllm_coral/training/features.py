@@ -1,0 +1,161 @@
+"""``vllm-coral data features``: the target's last-layer (post-norm) hidden states for every
+token of the generated conversations, with the loss mask, in sharded safetensors.
+
+Per conversation, the chat template renders the messages; tokens belong to the loss mask
+when they were *written by the assistant* (its content and the end-of-turn token), found
+by rendering the conversation prefix by prefix: the tokens added by each assistant
+message beyond the generation prompt. The target (HF transformers, fp32) runs over the
+whole sequence once and ``last_hidden_state`` (after the final RMSNorm) is stored: that is
+the feature vLLM hands an EAGLE drafter (checked by tests/vllm/test_feature_fidelity.py).
+
+Layout of the output folder::
+
+    shard_00000.safetensors   input_ids [N] int32, loss_mask [N] uint8,
+                              hidden [N, H] (--dtype), offsets [S+1] int64
+    index.json                {"shards": [{"file", "ids": [...], "tokens"}], "config": {...}}
+
+Memory is bounded by ``shard_tokens``: a shard is written (to a temporary name, then
+renamed) and listed in index.json as soon as it holds that many tokens. Resuming skips the
+conversations of every listed shard, so a killed run redoes at most one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["FeatureShard", "encode_conversation", "extract_features", "iter_shards"]
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 mask of assistant-written tokens."""
+
+    def render(msgs, gen_prompt):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen_prompt, tokenize=False)
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    full = ids(render(messages, False))
+    mask = [0] * len(full)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(ids(render(messages[:k], True)))
+        end = len(ids(render(messages[: k + 1], False)))
+        if full[:end] != ids(render(messages[: k + 1], False)) or end > len(full):
+            raise ValueError("chat template is not prefix-consistent; cannot locate assistant tokens")
+        for i in range(start, end):
+            mask[i] = 1
+    return full, mask
+
+
+@dataclass
+class FeatureShard:
+    # [N] token ids of all sequences, concatenated.
+    input_ids: torch.Tensor
+    # [N] 1 where the token was written by the assistant.
+    loss_mask: torch.Tensor
+    # [N, H] post-norm last-layer hidden state of the target at each token.
+    hidden: torch.Tensor
+    # [S + 1] sequence boundaries: sequence s is [offsets[s], offsets[s+1]).
+    offsets: torch.Tensor
+
+    def sequences(self):
+        for s in range(len(self.offsets) - 1):
+            a, b = int(self.offsets[s]), int(self.offsets[s + 1])
+            yield self.input_ids[a:b], self.loss_mask[a:b], self.hidden[a:b]
+
+
+def iter_shards(folder: str | Path):
+    folder = Path(folder)
+    index = json.loads((folder / "index.json").read_text())
+    for entry in index["shards"]:
+        with safe_open(str(folder / entry["file"]), framework="pt") as f:
+            yield FeatureShard(**{k: f.get_tensor(k) for k in ("input_ids", "loss_mask", "hidden", "offsets")})
+
+
+def extract_features(
+    target: str | Path,
+    conversations: Path,
+    out: Path,
+    *,
+    dtype: str = "bfloat16",
+    max_length: int = 2048,
+    shard_tokens: int = 200_000,
+    max_samples: int | None = None,
+) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    store_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {"shards": []}
+    config = dict(target=str(target), source=str(conversations), dtype=dtype, max_length=max_length)
+    if index.get("config", config) != config:
+        raise ValueError(f"{out}: holds features made with {index['config']}, not {config}; use a new folder")
+    index["config"] = config
+    done = {i for entry in index["shards"] for i in entry["ids"]}
+
+    records = []
+    with open(conversations) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                print(f"{conversations}:{lineno}: skipped (invalid JSON)", file=sys.stderr)
+    if max_samples is not None:
+        records = records[:max_samples]
+    todo = [r for r in records if r["id"] not in done]
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    buf_ids, buf_mask, buf_hidden, buf_ids_done, lengths = [], [], [], [], []
+
+    def flush():
+        if not buf_ids_done:
+            return
+        name = f"shard_{len(index['shards']):05d}.safetensors"
+        offsets = torch.tensor([0] + lengths).cumsum(0)
+        tensors = {
+            "input_ids": torch.cat(buf_ids).to(torch.int32),
+            "loss_mask": torch.cat(buf_mask).to(torch.uint8),
+            "hidden": torch.cat(buf_hidden).to(store_dtype),
+            "offsets": offsets.to(torch.int64),
+        }
+        save_file(tensors, str(out / (name + ".tmp")))
+        os.replace(out / (name + ".tmp"), out / name)
+        index["shards"].append({"file": name, "ids": list(buf_ids_done), "tokens": int(offsets[-1])})
+        tmp = index_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(index) + "\n")
+        os.replace(tmp, index_path)
+        for buf in (buf_ids, buf_mask, buf_hidden, buf_ids_done, lengths):
+            buf.clear()
+
+    skipped = 0
+    with torch.inference_mode():
+        for record in tqdm(todo, desc="features", unit="conv", file=sys.stderr):
+            ids, mask = encode_conversation(tokenizer, record["messages"])
+            ids, mask = ids[:max_length], mask[:max_length]
+            if not any(mask):
+                skipped += 1
+                continue
+            hidden = model.model(torch.tensor([ids])).last_hidden_state[0]
+            buf_ids.append(torch.tensor(ids))
+            buf_mask.append(torch.tensor(mask))
+            buf_hidden.append(hidden.to(store_dtype))
+            buf_ids_done.append(record["id"])
+            lengths.append(len(ids))
+            if sum(lengths) >= shard_tokens:
+                flush()
+        flush()
+    tokens = sum(e["tokens"] for e in index["shards"])
+    return dict(shards=len(index["shards"]), conversations=len(done) + len(todo) - skipped, tokens=tokens, skipped=skipped)
