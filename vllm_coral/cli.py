@@ -4,6 +4,7 @@
     vllm-coral models fetch smollm2-135m      # verify + convert once, print the path
     vllm-coral data generate --input sharegpt --out data/smol --max-samples 2000
     vllm-coral data features --data data/smol --out features/smol
+    vllm-coral train eagle --features features/smol/train --out runs/eagle
     vllm-coral demo                           # target vs self-drafting, through real vLLM
     vllm-coral env                            # versions and the CPU defaults in force
 
@@ -97,6 +98,24 @@ def _cmd_data_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vllm_coral.models.targets import TARGETS, fetch_target
+    from vllm_coral.training.trainer import TrainConfig, train
+
+    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    overrides = {
+        k: getattr(args, k)
+        for k in ("epochs", "max_steps", "lr", "batch_tokens", "max_seq_len", "dtype", "save_every", "seed",
+                  "unroll", "noise_std", "ce_weight", "topk_weight", "warmup_steps")
+        if getattr(args, k) is not None
+    }  # fmt: skip
+    cfg = TrainConfig.for_method(args.method, **overrides)
+    summary = train(target, args.features, args.out, cfg, resume=args.resume)
+    if summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"drafter: {summary['drafter']} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as md
     import os
@@ -160,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--shard-tokens", type=int, default=200_000, help="tokens per shard (bounds memory)")
     feats.add_argument("--max-samples", type=int, default=None)
     feats.set_defaults(func=_cmd_data_features)
+
+    trainp = sub.add_parser("train", help="train a drafter").add_subparsers(dest="method", required=True)
+    for method, text in (("eagle", "EAGLE-1/2 recipe"), ("hass", "HASS: 3 harmonized unrolled steps + top-10 distill")):
+        t = trainp.add_parser(method, help=text)
+        t.add_argument("--target", default="smollm2-135m", help="embedded target name or a checkpoint folder")
+        t.add_argument("--features", type=Path, required=True, help="features folder of the train split")
+        t.add_argument("--out", type=Path, required=True, help="run folder; the drafter lands in OUT/drafter")
+        t.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+        t.add_argument("--epochs", type=int)
+        t.add_argument("--max-steps", type=int)
+        t.add_argument("--lr", type=float)
+        t.add_argument("--warmup-steps", type=int)
+        t.add_argument("--batch-tokens", type=int)
+        t.add_argument("--max-seq-len", type=int)
+        t.add_argument("--dtype", choices=["float32", "bfloat16"])
+        t.add_argument("--save-every", type=int)
+        t.add_argument("--seed", type=int)
+        t.add_argument("--unroll", type=int, help="unrolled steps (EAGLE 1, HASS 3)")
+        t.add_argument("--noise-std", type=float)
+        t.add_argument("--ce-weight", type=float)
+        t.add_argument("--topk-weight", type=float)
+        t.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="target alone vs self-drafting draft_model in vLLM")
     demo.add_argument("--target", default="smollm2-135m")

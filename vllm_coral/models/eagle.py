@@ -161,9 +161,22 @@ class EagleDrafter(nn.Module):
         positions: torch.Tensor,  # [B, S] or [S] RoPE positions t
         attn_mask: torch.Tensor | None = None,  # [B or 1, 1, S, S] bool, None = causal
     ) -> torch.Tensor:  # [B, S, H] predicted h_{t+1}
-        x = self.fc(torch.cat((input_embeds, features), dim=-1))
+        x = self.layer_input(input_embeds, features)
+        return self.run_layer(x, positions, attn_mask)
+
+    def layer_input(self, input_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """fc(concat(E[x_{t+1}], f_t)) -> [B, S, H], the decoder layer's input."""
+        return self.fc(torch.cat((input_embeds, features), dim=-1))
+
+    def run_layer(
+        self,
+        x: torch.Tensor,  # [B, S, H] layer input
+        positions: torch.Tensor,  # [B, S] or [S]
+        attn_mask: torch.Tensor | None = None,  # [B or 1, 1, S, S_k] bool
+        kv_inputs: list[torch.Tensor] | None = None,  # HASS: layer inputs of steps 1..j
+    ) -> torch.Tensor:  # [B, S, H]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        return self.layers[0](x, cos, sin, attn_mask)
+        return self.layers[0](x, cos, sin, attn_mask, kv_inputs)
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:

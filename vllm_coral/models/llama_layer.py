@@ -102,14 +102,18 @@ class _Attention(nn.Module):
         x: torch.Tensor,  # [B, S, H]
         cos: torch.Tensor,  # [B, S, D]
         sin: torch.Tensor,  # [B, S, D]
-        attn_mask: torch.Tensor | None,  # [B or 1, 1, S, S] bool (True = attend) or None = causal
+        attn_mask: torch.Tensor | None,  # [B or 1, 1, S, S_k] bool (True = attend) or None = causal
+        kv_inputs: list[torch.Tensor] | None = None,  # J x [B, S, H]; keys/values from each, S_k = J*S
     ) -> torch.Tensor:  # [B, S, H]
         B, S, _ = x.shape
         s = self.s
         q = self.q_proj(x).view(B, S, s.num_attention_heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, s.num_key_value_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, s.num_key_value_heads, s.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        q = _apply_rope(q, cos, sin)
+        ks, vs = [], []
+        for src in kv_inputs if kv_inputs is not None else [x]:
+            ks.append(_apply_rope(self.k_proj(src).view(B, S, s.num_key_value_heads, s.head_dim).transpose(1, 2), cos, sin))
+            vs.append(self.v_proj(src).view(B, S, s.num_key_value_heads, s.head_dim).transpose(1, 2))
+        k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
         groups = s.num_attention_heads // s.num_key_value_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
@@ -142,7 +146,8 @@ class LlamaDecoderLayer(nn.Module):
         x: torch.Tensor,  # [B, S, H]
         cos: torch.Tensor,  # [B, S, D]
         sin: torch.Tensor,  # [B, S, D]
-        attn_mask: torch.Tensor | None = None,  # [B or 1, 1, S, S] bool, None = causal
+        attn_mask: torch.Tensor | None = None,  # [B or 1, 1, S, S_k] bool, None = causal
+        kv_inputs: list[torch.Tensor] | None = None,  # keys/values from these inputs (HASS)
     ) -> torch.Tensor:  # [B, S, H]
-        r = x + self.self_attn(x, cos, sin, attn_mask)
+        r = x + self.self_attn(x, cos, sin, attn_mask, kv_inputs)
         return r + self.mlp(self.post_attention_layernorm(r))

@@ -152,7 +152,8 @@ def generate_dataset(
                         if turn >= len(batch[i].turns):
                             continue
                         trial = convs[i] + [{"role": "user", "content": batch[i].turns[turn]}]
-                        n_prompt = len(tokenizer.apply_chat_template(trial, add_generation_prompt=True, tokenize=True))
+                        text = tokenizer.apply_chat_template(trial, add_generation_prompt=True, tokenize=False)
+                        n_prompt = len(tokenizer(text, add_special_tokens=False)["input_ids"])
                         if n_prompt + max_tokens <= max_model_len:
                             asks.append((i, trial))
                     if not asks:

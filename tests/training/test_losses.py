@@ -1,0 +1,44 @@
+"""Loss functions against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_coral.training.losses import feature_loss, masked_mean, soft_ce_loss, top1_accuracy, topk_distill_loss
+
+
+def test_feature_loss_smooth_l1():
+    # |d| = 0.5 -> 0.5 * 0.5^2 = 0.125; |d| = 2 -> 2 - 0.5 = 1.5; mean over H = 0.8125
+    h = torch.tensor([[0.0, 0.0], [9.0, 9.0]])
+    f = torch.tensor([[0.5, 2.0], [0.0, 0.0]])
+    assert feature_loss(h, f, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.8125)
+
+
+def test_soft_ce():
+    # p = [0.5, 0.5]; q = softmax([ln 3, 0]) = [0.75, 0.25]; CE = -(0.5 ln 0.75 + 0.5 ln 0.25)
+    want = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
+    got = soft_ce_loss(torch.tensor([[math.log(3), 0.0]]), torch.tensor([[0.0, 0.0]]), torch.ones(1))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_topk_distill():
+    # target logits [1, 0, -9]: p0 = e/(e+1+e^-9); K=1 keeps only token 0: -p0 ln q0, q0 = 0.75
+    p = torch.tensor([1.0, 0.0, -9.0]).softmax(-1)
+    draft = torch.tensor([[math.log(3), 0.0, -1e9]])
+    got = topk_distill_loss(draft, torch.tensor([[1.0, 0.0, -9.0]]), torch.ones(1), k=1)
+    assert got.item() == pytest.approx(-p[0].item() * math.log(0.75), rel=1e-6)
+    # K = V is the full soft CE
+    full = topk_distill_loss(draft, torch.tensor([[1.0, 0.0, -9.0]]), torch.ones(1), k=2)
+    want = -(p[0] * math.log(0.75) + p[1] * math.log(0.25)).item()
+    assert full.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_masking_and_accuracy():
+    assert masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1, 1, 0])).item() == 2.0
+    assert masked_mean(torch.tensor([5.0]), torch.tensor([0])).item() == 0.0
+    d = torch.tensor([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    t = torch.tensor([[3.0, 1.0], [5.0, 1.0], [0.0, 1.0]])
+    assert top1_accuracy(d, t, torch.tensor([1.0, 1.0, 0.0])).item() == 0.5
