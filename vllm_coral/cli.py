@@ -5,6 +5,7 @@
     vllm-coral data generate --input sharegpt --out data/smol --max-samples 2000
     vllm-coral data features --data data/smol --out features/smol
     vllm-coral train eagle --features features/smol/train --out runs/eagle
+    vllm-coral eval --drafter eagle=runs/eagle/drafter --questions question.jsonl --out results/eval
     vllm-coral demo                           # target vs self-drafting, through real vLLM
     vllm-coral env                            # versions and the CPU defaults in force
 
@@ -116,6 +117,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vllm_coral.demo import load_questions
+    from vllm_coral.models.targets import TARGETS, fetch_target
+    from vllm_coral.workflows.evaluate import compare_methods, format_table, heldout_conversations, write_results
+
+    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    methods: list[tuple[str, dict | None]] = [("target", None)]
+    for item in args.drafter:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path, "config.json").is_file():
+            raise ValueError(f"--drafter {item!r}: expected NAME=CHECKPOINT_DIR with a config.json")
+        spec = {"method": "eagle", "model": str(Path(path).resolve()), "num_speculative_tokens": args.k}
+        if args.temperature > 0:
+            spec["draft_sample_method"] = args.draft_sample_method
+        methods.append((name, spec))
+    datasets: dict[str, list[list[dict]]] = {}
+    if args.questions:
+        datasets[args.questions.stem] = [[{"role": "user", "content": q}] for q in load_questions(args.questions, args.num_prompts)]
+    if args.heldout_data:
+        datasets["heldout"] = heldout_conversations(args.heldout_data, args.num_prompts)
+    if not datasets:
+        raise ValueError("give --questions and/or --heldout-data")
+    tables = {}
+    for name, convs in datasets.items():
+        tables[name] = compare_methods(
+            target, methods, convs, temperature=args.temperature, max_tokens=args.max_tokens, dtype=args.dtype,
+            progress=lambda msg, name=name: print(f"[{name}] {msg}", file=sys.stderr),
+        )  # fmt: skip
+        print(f"\n## {name} ({len(convs)} prompts, T={args.temperature}, k={args.k})\n")
+        print(format_table(tables[name], exact=args.temperature == 0))
+    if args.out:
+        meta = dict(target=str(target), k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
+                    dtype=args.dtype, drafters=args.drafter)  # fmt: skip
+        write_results(args.out, tables, meta)
+        print(f"\nwrote {args.out}/eval.json, eval.md, acceptance.png")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as md
     import os
@@ -201,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--ce-weight", type=float)
         t.add_argument("--topk-weight", type=float)
         t.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="τ, acceptance and speed of trained drafters in vLLM vs the target")
+    ev.add_argument("--target", default="smollm2-135m")
+    ev.add_argument("--drafter", action="append", default=[], help="NAME=CHECKPOINT_DIR (EAGLE format); repeatable")
+    ev.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    ev.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl (first turns)")
+    ev.add_argument("--heldout-data", type=Path, default=None, help="folder from 'data generate' (heldout.jsonl)")
+    ev.add_argument("--num-prompts", type=int, default=80)
+    ev.add_argument("--max-tokens", type=int, default=256)
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--draft-sample-method", choices=["greedy", "probabilistic"], default="probabilistic")
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--out", type=Path, default=None, help="write eval.json, eval.md, acceptance.png")
+    ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser("demo", help="target alone vs self-drafting draft_model in vLLM")
     demo.add_argument("--target", default="smollm2-135m")

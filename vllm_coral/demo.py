@@ -25,12 +25,12 @@ import json
 import os
 import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_coral.models.targets import fetch_target
+from vllm_coral.workflows.evaluate import MethodResult, compare_methods, format_table
 
-__all__ = ["DEFAULT_PROMPTS", "MethodResult", "format_table", "load_questions", "run_demo"]
+__all__ = ["DEFAULT_PROMPTS", "format_table", "load_questions", "run_demo"]
 
 DEFAULT_PROMPTS = [
     "Write a short poem about the sea.",
@@ -55,36 +55,6 @@ def load_questions(path: Path, limit: int) -> list[str]:
     return prompts
 
 
-@dataclass
-class MethodResult:
-    name: str
-    speculative_config: dict | None
-    startup_s: float
-    tokens: int
-    seconds: float
-    tokens_per_second: float
-    mean_acceptance_length: float | None
-    acceptance_per_position: list[float]
-    # How many outputs are token-identical to the target's (None for the target itself).
-    identical: int | None
-    num_prompts: int
-
-
-def format_table(results: list[MethodResult]) -> str:
-    base = results[0].tokens_per_second
-    header = "| method | startup s | tok/s | speedup | τ | acceptance per position | identical to target |"
-    lines = [header, "|---" * (header.count("|") - 1) + "|"]
-    for r in results:
-        tau = f"{r.mean_acceptance_length:.2f}" if r.mean_acceptance_length is not None else "-"
-        acc = " ".join(f"{a:.2f}" for a in r.acceptance_per_position) or "-"
-        same = "-" if r.identical is None else f"{r.identical}/{r.num_prompts}"
-        lines.append(
-            f"| {r.name} | {r.startup_s:.1f} | {r.tokens_per_second:.1f} | "
-            f"{r.tokens_per_second / base:.2f}x | {tau} | {acc} | {same} |"
-        )
-    return "\n".join(lines)
-
-
 def run_demo(
     *,
     target: str = "smollm2-135m",
@@ -94,14 +64,9 @@ def run_demo(
     dtype: str = "float32",
     out: Path | None = None,
 ) -> list[MethodResult]:
-    from vllm import SamplingParams
-
-    from vllm_coral.plugin.engine import engine_kwargs, open_llm, timed_chat
-
     model = fetch_target(target)
     print(f"target: {model}", file=sys.stderr)
     conversations = [[{"role": "user", "content": p}] for p in (prompts or DEFAULT_PROMPTS)]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     methods = [
         ("target", None),
         (
@@ -109,32 +74,10 @@ def run_demo(
             {"method": "draft_model", "model": str(model), "num_speculative_tokens": num_speculative_tokens},
         ),
     ]
-    results: list[MethodResult] = []
-    reference: list[list[int]] | None = None
-    for name, spec in methods:
-        print(f"running {name} ...", file=sys.stderr)
-        with open_llm(**engine_kwargs(model, speculative_config=spec, dtype=dtype)) as llm:
-            run = timed_chat(llm, conversations, params)
-            startup = llm.vllm_coral_startup_s
-        identical = None
-        if reference is None:
-            reference = run.token_ids
-        else:
-            identical = sum(a == b for a, b in zip(run.token_ids, reference))
-        results.append(
-            MethodResult(
-                name=name,
-                speculative_config=spec,
-                startup_s=startup,
-                tokens=run.num_output_tokens,
-                seconds=run.seconds,
-                tokens_per_second=run.tokens_per_second,
-                mean_acceptance_length=run.spec.mean_acceptance_length if spec else None,
-                acceptance_per_position=run.spec.acceptance_per_position if spec else [],
-                identical=identical,
-                num_prompts=len(conversations),
-            )
-        )
+    results = compare_methods(
+        model, methods, conversations, max_tokens=max_tokens, dtype=dtype,
+        progress=lambda msg: print(msg, file=sys.stderr),
+    )  # fmt: skip
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         payload = {
