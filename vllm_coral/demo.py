@@ -7,7 +7,9 @@ same chat prompts at T=0:
 2. ``draft_model (self)``: vLLM's built-in ``draft_model`` method with the target as its
    own drafter. Every draft must be accepted (per-position acceptance 1.0), so this row
    checks the acceptance accounting end to end; it is *slower* than the target alone
-   because the drafter costs as much as the target.
+   because the drafter costs as much as the target;
+3. each drafter committed under ``checkpoints/<target>/`` (EAGLE and HASS baselines trained
+   by ``vllm-coral train``), served by vLLM's built-in ``eagle`` method.
 
 and prints a table (tokens/s, speedup, τ, acceptance per position, and whether every
 output is token-identical to the target's), writing the same numbers to JSON.
@@ -16,7 +18,7 @@ It runs in float32 by default. In bfloat16, verifying k+1 tokens in one forward 
 differently from decoding them one at a time, and on SmolLM2 one of the four default
 prompts then diverges from the target-alone output (measured: 3/4 identical in bf16, 4/4
 in fp32). ``--dtype bfloat16`` shows it; the identical column reports it, never hides it.
-Trained drafters join this table as their issues land.
+Trained drafters of later methods join this table as they land.
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ def load_questions(path: Path, limit: int) -> list[str]:
     return prompts
 
 
+# Small trained drafters committed with the repository (EAGLE format, served by plain vLLM).
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def committed_drafters(target: str) -> dict[str, Path]:
+    """name -> checkpoint folder of the drafters trained for ``target`` that ship here."""
+    folder = CHECKPOINTS / target
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
+
+
 def run_demo(
     *,
     target: str = "smollm2-135m",
@@ -74,6 +88,8 @@ def run_demo(
             {"method": "draft_model", "model": str(model), "num_speculative_tokens": num_speculative_tokens},
         ),
     ]
+    for name, ckpt in committed_drafters(target).items():
+        methods.append((name, {"method": "eagle", "model": str(ckpt), "num_speculative_tokens": num_speculative_tokens}))
     results = compare_methods(
         model, methods, conversations, max_tokens=max_tokens, dtype=dtype,
         progress=lambda msg: print(msg, file=sys.stderr),
