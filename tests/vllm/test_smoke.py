@@ -25,19 +25,23 @@ from .conftest import CONVERSATIONS, MAX_TOKENS, PROMPTS
 K = 3
 
 
+def _self_draft(target_path) -> dict:
+    """The target as its own drafter, sampling drafts from its distribution (q == p)."""
+    return {
+        "method": "draft_model",
+        "model": str(target_path),
+        "num_speculative_tokens": K,
+        "draft_sample_method": "probabilistic",
+    }
+
+
 @pytest.fixture(scope="module")
 def self_draft_runs(target_path):
     from vllm import SamplingParams
 
     from vllm_coral.plugin.engine import engine_kwargs, open_llm, timed_chat
 
-    spec = {
-        "method": "draft_model",
-        "model": str(target_path),
-        "num_speculative_tokens": K,
-        "draft_sample_method": "probabilistic",
-    }
-    with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=spec)) as llm:
+    with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=_self_draft(target_path))) as llm:
         greedy = timed_chat(llm, CONVERSATIONS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
         sampled = timed_chat(
             llm,
@@ -88,13 +92,7 @@ def test_without_the_patch_t_positive_acceptance_collapses(target_path, monkeypa
     from vllm_coral.plugin.engine import engine_kwargs, open_llm, timed_chat
 
     monkeypatch.setenv("VLLM_CORAL_DISABLE_PATCHES", "rejection_sampler_expand")
-    spec = {
-        "method": "draft_model",
-        "model": str(target_path),
-        "num_speculative_tokens": K,
-        "draft_sample_method": "probabilistic",
-    }
-    with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=spec)) as llm:
+    with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=_self_draft(target_path))) as llm:
         run = timed_chat(
             llm, CONVERSATIONS, SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, seed=1234)
         )

@@ -114,6 +114,7 @@ def plot_acceptance(tables: dict[str, list[MethodResult]], path: Path) -> None:
             if r.acceptance_per_position:
                 xs = range(1, len(r.acceptance_per_position) + 1)
                 ax.plot(xs, r.acceptance_per_position, marker="o", label=f"{r.name} (τ={r.mean_acceptance_length:.2f})")
+                ax.set_xticks(list(xs))
         ax.set_xlabel("draft position")
         ax.set_ylabel("fraction of drafts accepted")
         ax.set_ylim(0, 1)
