@@ -22,6 +22,13 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _resolve_target(name: str) -> Path:
+    """An embedded target name (fetched/converted on first use) or a checkpoint folder."""
+    from vllm_coral.models.targets import TARGETS, fetch_target
+
+    return fetch_target(name) if name in TARGETS else Path(name)
+
+
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from vllm_coral.models.targets import TARGETS, coral_home
 
@@ -59,10 +66,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_generate(args: argparse.Namespace) -> int:
-    from vllm_coral.models.targets import TARGETS, fetch_target
     from vllm_coral.workflows.generate import generate_dataset
 
-    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    target = _resolve_target(args.target)
     manifest = generate_dataset(
         target,
         args.input,
@@ -83,10 +89,9 @@ def _cmd_data_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_features(args: argparse.Namespace) -> int:
-    from vllm_coral.models.targets import TARGETS, fetch_target
     from vllm_coral.training.features import extract_features
 
-    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    target = _resolve_target(args.target)
     for split in args.split:
         source = args.data / f"{split}.jsonl"
         if not source.is_file():
@@ -100,10 +105,9 @@ def _cmd_data_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vllm_coral.models.targets import TARGETS, fetch_target
     from vllm_coral.training.trainer import TrainConfig, train
 
-    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    target = _resolve_target(args.target)
     overrides = {
         k: getattr(args, k)
         for k in ("epochs", "max_steps", "lr", "batch_tokens", "max_seq_len", "dtype", "save_every", "seed",
@@ -119,10 +123,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vllm_coral.demo import load_questions
-    from vllm_coral.models.targets import TARGETS, fetch_target
     from vllm_coral.workflows.evaluate import compare_methods, format_table, heldout_conversations, write_results
 
-    target = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    target = _resolve_target(args.target)
     methods: list[tuple[str, dict | None]] = [("target", None)]
     for item in args.drafter:
         name, sep, path = item.partition("=")

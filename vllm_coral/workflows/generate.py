@@ -107,8 +107,8 @@ def generate_dataset(
 
     prompts: list[Prompt] = []
     reports = {}
-    for name in inputs:
-        path = resolve_input(name)
+    paths = [resolve_input(name) for name in inputs]
+    for path in paths:
         report = ParseReport()
         prompts += read_prompts(path, report)
         reports[str(path)] = report.summary()
@@ -125,7 +125,7 @@ def generate_dataset(
     todo = [p for p in prompts if p.id not in done]
     manifest = dict(
         target=str(target),
-        inputs=[str(resolve_input(n)) for n in inputs],
+        inputs=[str(p) for p in paths],
         parse_reports=reports,
         options=dict(max_samples=max_samples, heldout_fraction=heldout_fraction, seed=seed,
                      temperature=temperature, max_tokens=max_tokens, max_turns=max_turns,
