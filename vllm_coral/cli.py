@@ -5,6 +5,8 @@
     vllm-coral data generate --input sharegpt --out data/smol --max-samples 2000
     vllm-coral data features --data data/smol --out features/smol
     vllm-coral train eagle --features features/smol/train --out runs/eagle
+    vllm-coral train coral --features features/smol/train --out runs/coral
+    vllm-coral train coral-router --drafter runs/coral/drafter --features features/smol/train --out runs/router
     vllm-coral eval --drafter eagle=runs/eagle/drafter --questions question.jsonl --out results/eval
     vllm-coral demo                           # target vs self-drafting, through real vLLM
     vllm-coral env                            # versions and the CPU defaults in force
@@ -111,13 +113,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {
         k: getattr(args, k)
         for k in ("epochs", "max_steps", "lr", "batch_tokens", "max_seq_len", "dtype", "save_every", "seed",
-                  "unroll", "noise_std", "ce_weight", "topk_weight", "warmup_steps")
+                  "unroll", "noise_std", "ce_weight", "topk_weight", "warmup_steps", "csra_weight",
+                  "csra_temperature")
         if getattr(args, k) is not None
     }  # fmt: skip
     cfg = TrainConfig.for_method(args.method, **overrides)
     summary = train(target, args.features, args.out, cfg, resume=args.resume)
     if summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"drafter: {summary['drafter']} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_train_router(args: argparse.Namespace) -> int:
+    from vllm_coral.training.router import RouterTrainConfig, train_router
+
+    target = _resolve_target(args.target)
+    overrides = {k: getattr(args, k) for k in ("epochs", "max_steps", "lr", "batch_tokens", "unroll", "seed", "save_every")
+                 if getattr(args, k) is not None}  # fmt: skip
+    cfg = RouterTrainConfig(partitions=tuple(args.partition), num_groups=tuple(args.num_groups),
+                            top_k=tuple(args.top_k), **overrides)  # fmt: skip
+    summary = train_router(target, args.drafter, args.features, args.out, cfg,
+                           heldout_features=args.heldout_features, resume=args.resume)  # fmt: skip
+    for key, m in summary["heldout"].items():
+        print(f"{key}: held-out mass {m['mass']:.3f}, target top-1 in groups {m['target_top1']:.3f}, "
+              f"greedy draft kept {m['draft_top1']:.3f}")  # fmt: skip
+    for path in summary["checkpoints"]:
+        print(f"drafter: {path}")
     return 0
 
 
@@ -223,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     feats.set_defaults(func=_cmd_data_features)
 
     trainp = sub.add_parser("train", help="train a drafter").add_subparsers(dest="method", required=True)
-    for method, text in (("eagle", "EAGLE-1/2 recipe"), ("hass", "HASS: 3 harmonized unrolled steps + top-10 distill")):
+    recipes = (
+        ("eagle", "EAGLE-1/2 recipe"),
+        ("hass", "HASS: 3 harmonized unrolled steps + top-10 distill"),
+        ("coral", "CORAL: HASS + cross-step representation alignment (CSRA)"),
+    )
+    for method, text in recipes:
         t = trainp.add_parser(method, help=text)
         t.add_argument("--target", default="smollm2-135m", help="embedded target name or a checkpoint folder")
         t.add_argument("--features", type=Path, required=True, help="features folder of the train split")
@@ -242,7 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--noise-std", type=float)
         t.add_argument("--ce-weight", type=float)
         t.add_argument("--topk-weight", type=float)
+        t.add_argument("--csra-weight", type=float, help="CSRA InfoNCE weight λ (CORAL default 0.1; 0 = HASS)")
+        t.add_argument("--csra-temperature", type=float, help="CSRA temperature τ_c (default 0.1)")
         t.set_defaults(func=_cmd_train)
+
+    rt = trainp.add_parser("coral-router", help="CORAL's LM-head router, the drafter frozen")
+    rt.add_argument("--target", default="smollm2-135m", help="embedded target name or a checkpoint folder")
+    rt.add_argument("--drafter", type=Path, required=True, help="trained drafter folder (train coral/hass/eagle)")
+    rt.add_argument("--features", type=Path, required=True, help="features folder of the train split")
+    rt.add_argument("--heldout-features", type=Path, help="features of the held-out split, for routing metrics")
+    rt.add_argument("--out", type=Path, required=True, help="run folder; checkpoints land in OUT/<partition>-n<N>-k<k>")
+    rt.add_argument("--partition", nargs="+", default=["frequency"], choices=["contiguous", "frequency", "kmeans"])
+    rt.add_argument("--num-groups", nargs="+", type=int, default=[16], help="group counts N (one router each)")
+    rt.add_argument("--top-k", nargs="+", type=int, default=[2], help="groups used per token (one checkpoint each)")
+    rt.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    rt.add_argument("--epochs", type=int)
+    rt.add_argument("--max-steps", type=int)
+    rt.add_argument("--lr", type=float)
+    rt.add_argument("--batch-tokens", type=int)
+    rt.add_argument("--unroll", type=int, help="drafting steps whose outputs train the router (default 3)")
+    rt.add_argument("--save-every", type=int)
+    rt.add_argument("--seed", type=int)
+    rt.set_defaults(func=_cmd_train_router)
 
     ev = sub.add_parser("eval", help="τ, acceptance and speed of trained drafters in vLLM vs the target")
     ev.add_argument("--target", default="smollm2-135m")

@@ -22,6 +22,7 @@ logger = logging.getLogger("vllm_coral")
 # architecture name in a checkpoint's config.json -> "module:Class" of its vLLM model.
 # Drafter families add themselves here as they land.
 MODEL_ARCHITECTURES: dict[str, str] = {
+    "EagleCoralLlamaForCausalLM": "vllm_coral.plugin.coral:EagleCoralLlamaForCausalLM",
     "EagleRecorderLlamaForCausalLM": "vllm_coral.plugin.recorder:EagleRecorderLlamaForCausalLM",
 }
 

@@ -1,4 +1,4 @@
-"""Train EAGLE-style drafters on extracted features: EAGLE-1/2 and HASS, one loop.
+"""Train EAGLE-style drafters on extracted features: EAGLE-1/2, HASS and CORAL, one loop.
 
 EAGLE (``unroll=1``): at index t the drafter reads E[x_{t+1}] and the target feature f_t
 (+ uniform noise, (U(0,1) - 0.5) * noise_std as in the EAGLE code) and predicts f_{t+1}:
@@ -13,6 +13,12 @@ and the j-1 most recent positions from the draft steps that produced them. Worke
 j=2, S=3: t=0 -> key 0 from step 2; t=1 -> key 0 from step 1, key 1 from step 2;
 t=2 -> keys 0, 1 from step 1, key 2 from step 2. Indices t < j-1 have no step-(j-1)
 output to read and are left out of step j's loss. The loss is averaged over steps.
+
+CORAL (``unroll=3`` + ``csra_weight`` * CSRA, ``vllm_coral.training.losses.csra_loss``): the
+HASS objective plus an InfoNCE that aligns the drafter's outputs for the same index across
+the unrolled steps, over the indices every step scores (t >= unroll-1, assistant tokens).
+CORAL's router is trained afterwards with the drafter frozen
+(``vllm_coral.training.router``).
 
 Positions counted in the loss: index t predicts token x_{t+2}, so its weight is the
 assistant mask of x_{t+2} (padding and prompt tokens excluded).
@@ -45,14 +51,22 @@ from safetensors.torch import load_file, save_file
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
 from vllm_coral.models.target import TargetHead
 from vllm_coral.training.features import iter_shards
-from vllm_coral.training.losses import feature_loss, soft_ce_loss, top1_accuracy, topk_distill_loss
+from vllm_coral.training.losses import csra_loss, feature_loss, soft_ce_loss, top1_accuracy, topk_distill_loss
 
-__all__ = ["TrainConfig", "hass_attention_mask", "train"]
+__all__ = ["TrainConfig", "hass_attention_mask", "load_sequences", "train", "unrolled_steps"]
+
+
+# Recipe presets; CORAL = HASS + CSRA (tau_c = 0.1, lambda = 0.1: METHODS.md's proposed defaults).
+METHODS = {
+    "eagle": dict(unroll=1, topk_weight=0.0, csra_weight=0.0),
+    "hass": dict(unroll=3, topk_weight=1.0, csra_weight=0.0),
+    "coral": dict(unroll=3, topk_weight=1.0, csra_weight=0.1, csra_temperature=0.1),
+}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # "eagle" or "hass": names the recipe; unroll/topk_weight carry the difference.
+    # "eagle", "hass" or "coral": names the recipe; the fields below carry the difference.
     method: str = "eagle"
     # Unrolled drafting steps per position (EAGLE 1, HASS 3).
     unroll: int = 1
@@ -61,6 +75,9 @@ class TrainConfig:
     # Weight of HASS's top-K distillation (0 disables it) and its K.
     topk_weight: float = 0.0
     topk: int = 10
+    # CORAL's CSRA: weight of the cross-step InfoNCE (0 disables it) and its temperature.
+    csra_weight: float = 0.0
+    csra_temperature: float = 0.1
     # Input-feature noise width: (U(0,1) - 0.5) * noise_std.
     noise_std: float = 0.2
     # Optimisation.
@@ -82,10 +99,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("eagle", "hass"):
-            raise ValueError(f"method must be 'eagle' or 'hass', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.unroll < 1:
             raise ValueError(f"unroll must be >= 1, got {self.unroll}")
+        if self.csra_weight > 0 and self.unroll < 2:
+            raise ValueError("CSRA aligns unrolled steps: csra_weight > 0 needs unroll >= 2")
+        if self.csra_temperature <= 0:
+            raise ValueError(f"csra_temperature must be positive, got {self.csra_temperature}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_tokens < 2 or self.max_seq_len < 3:
@@ -93,10 +114,9 @@ class TrainConfig:
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> TrainConfig:
-        presets = {"eagle": dict(unroll=1, topk_weight=0.0), "hass": dict(unroll=3, topk_weight=1.0)}
-        if method not in presets:
-            raise ValueError(f"method must be 'eagle' or 'hass', got {method!r}")
-        return cls(method=method, **{**presets[method], **overrides})
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        return cls(method=method, **{**METHODS[method], **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -112,6 +132,20 @@ def hass_attention_mask(seq_len: int, step: int, device=None) -> torch.Tensor:
     src = torch.clamp(step - (t - s), min=1)  # [S, S] which step key s comes from
     blocks = [(s <= t) & (src == i) for i in range(1, step + 1)]
     return torch.cat(blocks, dim=1)
+
+
+def load_sequences(features: str | Path, max_seq_len: int, hidden_size: int) -> list[tuple]:
+    """(ids, mask, feats) per trainable sequence (>= 3 tokens, a scored token), truncated."""
+    seqs = []
+    for shard in iter_shards(features):
+        for x, m, f in shard.sequences():
+            if len(x) >= 3 and m[2:].any():
+                seqs.append((x[:max_seq_len], m[:max_seq_len], f[:max_seq_len]))
+    if not seqs:
+        raise ValueError(f"{features}: no trainable sequences")
+    if seqs[0][2].shape[-1] != hidden_size:
+        raise ValueError(f"{features}: features have hidden size {seqs[0][2].shape[-1]}, the target has {hidden_size}")
+    return seqs
 
 
 def _batches(lengths: list[int], batch_tokens: int, order: list[int]) -> list[list[int]]:
@@ -156,6 +190,30 @@ class UnrolledLoss(torch.nn.Module):
         return _step_losses(self.cfg, self.drafter, self.head, ids, mask, feats, noise)
 
 
+def unrolled_steps(drafter: EagleDrafter, emb: torch.Tensor, f_in: torch.Tensor, positions: torch.Tensor, unroll: int):
+    """Yield (j, h_j) [B, S, H] for j = 1..unroll, HASS-style (see the module docstring).
+
+    emb [B, S, H] = E[x_{t+1}], f_in [B, S, H] = target features (+ noise). Step j >= 2
+    reads the detached step-(j-1) output of index t-1 as its input feature at index t.
+    """
+    S = emb.shape[1]
+    kv_inputs: list[torch.Tensor] = []
+    prev = None
+    for j in range(1, unroll + 1):
+        if j == 1:
+            x = drafter.layer_input(emb, f_in)
+            kv_inputs.append(x)
+            h = drafter.run_layer(x, positions)
+        else:
+            own = torch.cat([f_in[:, :1], prev[:, :-1].detach()], dim=1)  # index t reads h^{j-1}_{t-1}
+            x = drafter.layer_input(emb, own)
+            kv_inputs.append(x)
+            attn = hass_attention_mask(S, j, emb.device)[None, None]
+            h = drafter.run_layer(x, positions, attn, kv_inputs)
+        prev = h
+        yield j, h
+
+
 def _step_losses(cfg, drafter, head, ids, mask, feats, noise):
     """All loss terms of one batch; returns (total, {name: value})."""
     S = ids.shape[1] - 1  # index t in [0, S): inputs (x_{t+1}, f_t), target f_{t+1}
@@ -171,23 +229,12 @@ def _step_losses(cfg, drafter, head, ids, mask, feats, noise):
 
     terms: dict[str, float] = {}
     total = 0.0
-    kv_inputs: list[torch.Tensor] = []
-    prev = None
-    for j in range(1, cfg.unroll + 1):
-        if j == 1:
-            x = drafter.layer_input(emb, f_in)
-            kv_inputs.append(x)
-            h = drafter.run_layer(x, positions)
-            w = weight
-        else:
-            own = torch.cat([f_in[:, :1], prev[:, :-1].detach()], dim=1)  # index t reads h^{j-1}_{t-1}
-            x = drafter.layer_input(emb, own)
-            kv_inputs.append(x)
-            attn = hass_attention_mask(S, j, ids.device)[None, None]
-            h = drafter.run_layer(x, positions, attn, kv_inputs)
-            w = weight.clone()
-            w[:, : j - 1] = 0
-        prev = h
+    csra_rows: list[torch.Tensor] = []
+    common = keep.clone()
+    common[:, : cfg.unroll - 1] = False  # indices every unrolled step scores
+    for j, h in unrolled_steps(drafter, emb, f_in, positions, cfg.unroll):
+        w = weight.clone()
+        w[:, : j - 1] = 0
         sel = keep & (w > 0)
         h_sel = h[sel]
         rows = sel[keep]  # which of the kept positions this step scores
@@ -205,6 +252,12 @@ def _step_losses(cfg, drafter, head, ids, mask, feats, noise):
         terms[f"loss/ce_step{j}"] = l_ce.item()
         terms[f"acc/top1_step{j}"] = top1_accuracy(d_logits, t_logits, ones).item()
         total = total + step_total / cfg.unroll
+        if cfg.csra_weight > 0:
+            csra_rows.append(h[common])
+    if cfg.csra_weight > 0:
+        l_csra = csra_loss(csra_rows, cfg.csra_temperature)
+        total = total + cfg.csra_weight * l_csra
+        terms["loss/csra"] = l_csra.item()
     terms["loss/total"] = total.item()
     return total, terms
 
@@ -275,17 +328,7 @@ def train(
     else:
         start_step = 0
 
-    seqs = []
-    for shard in iter_shards(features):
-        for x, m, f in shard.sequences():
-            if len(x) >= 3 and m[2:].any():
-                seqs.append((x[: cfg.max_seq_len], m[: cfg.max_seq_len], f[: cfg.max_seq_len]))
-    if not seqs:
-        raise ValueError(f"{features}: no trainable sequences")
-    if seqs[0][2].shape[-1] != head.hidden_size:
-        raise ValueError(
-            f"{features}: features have hidden size {seqs[0][2].shape[-1]}, the target has {head.hidden_size}"
-        )
+    seqs = load_sequences(features, cfg.max_seq_len, head.hidden_size)
     lengths = [len(s[0]) for s in seqs]
     epoch_batches = []
     for epoch in range(cfg.epochs):

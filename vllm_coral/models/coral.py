@@ -1,0 +1,226 @@
+"""CORAL drafter: an EAGLE-style drafter plus an LM-head router over vocabulary groups.
+
+The drafter body is ``EagleDrafter`` unchanged (CORAL's other half, CSRA, is a training
+loss: ``vllm_coral.training.losses.csra_loss``). What CORAL adds at inference is the
+router: the LM head dominates a one-layer drafter's cost at large vocabularies, so only
+k of N vocabulary groups (``vllm_coral.models.vocab_groups``) are computed per token::
+
+    r       = W2 (silu(W1 h) + h) + b2        # [T, N] router logits (W1 [H, H], W2 [N, H])
+    groups  = topk(r, k)                       # [T, k]
+    logits  = W_grouped[rows of groups] . h    # k*G of the V rows; -inf elsewhere
+
+The router's form is METHODS.md's ``softmax(W2(act(W1 h) + h))``; its softmax only
+matters for training, since selection takes the top-k logits. Sampling from the routed
+logits is exact speculative decoding: the drafter's proposal q is the softmax over the
+selected rows (zero elsewhere), and that is what vLLM's rejection sampler receives.
+
+Checkpoint = the EAGLE tensors + ``router.*`` + ``vocab_groups.row_to_token`` [V] int64
+(``coral_tensor_shapes`` is the one weight-name map). The group-contiguous head itself is
+*not* stored: it is the target's LM head permuted once at load time, so a checkpoint stays
+drafter-sized (the head alone would be 113 MB for SmolLM2 in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_coral.models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from vllm_coral.models.eagle import EagleConfig, EagleDrafter, eagle_tensor_shapes
+from vllm_coral.models.vocab_groups import STRATEGIES, VocabPartition
+
+__all__ = [
+    "ARCHITECTURE",
+    "CoralConfig",
+    "CoralDrafter",
+    "Router",
+    "check_row_to_token",
+    "coral_tensor_shapes",
+    "read_coral_config",
+    "routed_logits",
+    "routed_top_tokens",
+    "select_groups",
+]
+
+ARCHITECTURE = "EagleCoralLlamaForCausalLM"
+ROW_TO_TOKEN = "vocab_groups.row_to_token"
+
+
+@dataclass(frozen=True)
+class CoralConfig:
+    # The drafter body (hidden size, heads, vocabulary, ...).
+    eagle: EagleConfig
+    # Number of vocabulary groups N.
+    num_groups: int
+    # Groups computed per drafted token (k); the rest of the vocabulary gets -inf.
+    top_k: int
+    # How the vocabulary was partitioned (vllm_coral.models.vocab_groups.STRATEGIES).
+    partition: str
+
+    def __post_init__(self) -> None:
+        V = self.eagle.vocab_size
+        if not 1 <= self.num_groups <= V:
+            raise ValueError(f"num_groups must be in [1, vocab_size={V}], got {self.num_groups}")
+        if not 1 <= self.top_k <= self.num_groups:
+            raise ValueError(f"top_k must be in [1, num_groups={self.num_groups}], got {self.top_k}")
+        if self.partition not in STRATEGIES:
+            raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(STRATEGIES)}")
+
+    @property
+    def group_size(self) -> int:
+        return -(-self.eagle.vocab_size // self.num_groups)
+
+    def to_dict(self) -> dict:
+        return {"eagle": self.eagle.to_dict(), "num_groups": self.num_groups, "top_k": self.top_k,
+                "partition": self.partition}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CoralConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CoralConfig field(s): {', '.join(unknown)}")
+        return cls(**{**d, "eagle": EagleConfig.from_dict(d["eagle"])})
+
+    def to_hf_config(self, extra: dict | None = None) -> dict:
+        hf = self.eagle.to_hf_config()
+        hf["architectures"] = [ARCHITECTURE]
+        hf["vllm_coral"] = {"family": "coral", "config": self.eagle.to_dict(), "coral": self.to_dict(),
+                            **(extra or {})}  # fmt: skip
+        return hf
+
+
+def coral_tensor_shapes(c: CoralConfig) -> dict[str, tuple[int, ...]]:
+    """The one weight-name map: EAGLE tensors + router + the partition's row map."""
+    H = c.eagle.hidden_size
+    return {
+        **eagle_tensor_shapes(c.eagle),
+        "router.w1.weight": (H, H),
+        "router.w2.weight": (c.num_groups, H),
+        "router.w2.bias": (c.num_groups,),
+        ROW_TO_TOKEN: (c.eagle.vocab_size,),
+    }
+
+
+def read_coral_config(hf_config: dict, where: str) -> CoralConfig:
+    """CoralConfig from a checkpoint's config.json dict; one-line CheckpointError if not CORAL."""
+    meta = hf_config.get("vllm_coral") or {}
+    if meta.get("family") != "coral" or "coral" not in meta:
+        raise CheckpointError(f"{where}: not a CORAL drafter (vllm_coral.family={meta.get('family')!r})")
+    try:
+        return CoralConfig.from_dict(meta["coral"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{where}: bad CORAL config ({e})") from None
+
+
+class Router(nn.Module):
+    """h [T, H] -> group logits [T, N]: W2 (silu(W1 h) + h) + b2."""
+
+    def __init__(self, hidden_size: int, num_groups: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.w2 = nn.Linear(hidden_size, num_groups, bias=True)
+        nn.init.zeros_(self.w2.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(h)) + h)
+
+
+def select_groups(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:  # [T, N] -> [T, k] int64
+    return router_logits.topk(top_k, dim=-1).indices
+
+
+def routed_logits(
+    hidden: torch.Tensor,  # [T, H]
+    grouped_weight: torch.Tensor,  # [V, H] group-contiguous (VocabPartition.grouped_weight)
+    group_ids: torch.Tensor,  # [T, k] distinct per row
+    group_size: int,
+    row_to_token: torch.Tensor,  # [V] int64
+) -> torch.Tensor:  # [T, V] fp32: the selected rows' logits at their token ids, -inf elsewhere
+    """Full-vocabulary logits with only the selected groups computed (what sampling needs)."""
+    from vllm_coral.kernels.dispatch import grouped_lm_head
+
+    V = grouped_weight.shape[0]
+    part, token_ids = grouped_lm_head(hidden, grouped_weight, group_ids, group_size, row_to_token,
+                                      validate=False)  # fmt: skip
+    # Ragged-group padding slots carry token id -1: send them to a spare column V, dropped after.
+    full = part.new_full((hidden.shape[0], V + 1), float("-inf"))
+    full.scatter_(1, torch.where(token_ids < 0, V, token_ids), part)
+    return full[:, :V]
+
+
+def routed_top_tokens(
+    hidden: torch.Tensor,  # [T, H]
+    grouped_weight: torch.Tensor,  # [V, H]
+    group_ids: torch.Tensor,  # [T, k]
+    group_size: int,
+    row_to_token: torch.Tensor,  # [V]
+) -> torch.Tensor:  # [T] int64 greedy draft tokens
+    from vllm_coral.kernels.dispatch import grouped_lm_head_argmax
+
+    return grouped_lm_head_argmax(hidden, grouped_weight, group_ids, group_size, row_to_token,
+                                  validate=False)[1]  # fmt: skip
+
+
+class CoralDrafter(nn.Module):
+    """EagleDrafter + Router + VocabPartition; the training-side twin of the vLLM class."""
+
+    def __init__(self, config: CoralConfig, partition: VocabPartition, body: EagleDrafter | None = None) -> None:
+        super().__init__()
+        if partition.num_groups != config.num_groups or partition.vocab_size != config.eagle.vocab_size:
+            raise ValueError(
+                f"partition ({partition.num_groups} groups over V={partition.vocab_size}) does not match the "
+                f"config ({config.num_groups} groups over V={config.eagle.vocab_size})"
+            )
+        self.config = config
+        self.partition = partition
+        self.body = body if body is not None else EagleDrafter(config.eagle)
+        self.router = Router(config.eagle.hidden_size, config.num_groups)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {k: v for k, v in self.body.state_dict().items()}
+        tensors.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
+        tensors[ROW_TO_TOKEN] = self.partition.row_to_token
+        return tensors
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        dtype = getattr(torch, self.config.eagle.torch_dtype)
+        tensors = {k: (v if k == ROW_TO_TOKEN else v.to(dtype)) for k, v in self.state_tensors().items()}
+        return save_checkpoint(directory, self.config.to_hf_config(extra), tensors, coral_tensor_shapes(self.config))
+
+    @classmethod
+    def load(cls, directory: str | Path, *, target_config: dict | None = None) -> CoralDrafter:
+        """Load and validate; with ``target_config``, refuse one trained for another target."""
+        where = str(directory)
+        config = read_coral_config(read_config(directory), where)
+        if target_config is not None:
+            for key in ("hidden_size", "vocab_size"):
+                mine = getattr(config.eagle, key)
+                if mine != target_config[key]:
+                    raise CheckpointError(f"{where}: drafter {key}={mine} does not match the target's {key}={target_config[key]}")
+        tensors = load_checkpoint(directory, coral_tensor_shapes(config))
+        partition = check_row_to_token(tensors.pop(ROW_TO_TOKEN), config, where)
+        model = cls(config, partition)
+        model.body.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("router.")})
+        model.router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
+        return model
+
+    @classmethod
+    def from_eagle(cls, body: EagleDrafter, partition: VocabPartition, top_k: int) -> CoralDrafter:
+        config = CoralConfig(body.config, partition.num_groups, top_k, partition.strategy)
+        return cls(config, partition, body)
+
+
+def check_row_to_token(row_to_token: torch.Tensor, config: CoralConfig, where: str) -> VocabPartition:
+    """The checkpoint's group map as a VocabPartition, or a one-line CheckpointError."""
+    if row_to_token.dtype != torch.int64:
+        raise CheckpointError(f"{where}: {ROW_TO_TOKEN} must be int64, got {row_to_token.dtype}")
+    try:
+        return VocabPartition(row_to_token, config.num_groups, config.partition)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: bad group map {ROW_TO_TOKEN} ({e})") from None
+
