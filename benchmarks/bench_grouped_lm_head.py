@@ -26,14 +26,9 @@ plus the issue's targets where the headline shape was measured) and
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import device_name, git_sha, now_utc, time_us  # noqa: E402
 from vllm_coral.kernels.reference import grouped_lm_head_ref  # noqa: E402
 
 PRESETS = {
@@ -56,20 +52,6 @@ GPU_PEAK_GBPS = {"H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, 
 HEADLINE = dict(H=4096, V=128256, kN=1 / 8)
 
 
-def _time_us(fn, device: str, reps: int) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
-
-
 def _peak_gbps(device: str, override: float | None) -> tuple[float, str]:
     if override:
         return override, "given"
@@ -81,7 +63,7 @@ def _peak_gbps(device: str, override: float | None) -> tuple[float, str]:
         return float("nan"), "unknown GPU"
     x = torch.empty(256 * 2**20 // 4, dtype=torch.float32)  # 256 MiB
     y = torch.empty_like(x)
-    us = _time_us(lambda: y.copy_(x), device, reps=10)
+    us = time_us(lambda: y.copy_(x), device, reps=10)
     return 2 * x.numel() * 4 / (us * 1e-6) / 1e9, "measured copy"
 
 
@@ -136,7 +118,7 @@ def run(preset: str, dtype: torch.dtype, device: str, reps: int, peak_override: 
                 if name == "dense" and (H, V, T) in dense_cache:
                     us = dense_cache[(H, V, T)]
                 else:
-                    us = _time_us(lambda: fn(hidden, weight, gids, G), device, reps)
+                    us = time_us(lambda: fn(hidden, weight, gids, G), device, reps)
                     if name == "dense":
                         dense_cache[(H, V, T)] = us
                 weight_rows = V if name == "dense" else union_rows
@@ -158,32 +140,15 @@ def run(preset: str, dtype: torch.dtype, device: str, reps: int, peak_override: 
         op="grouped_lm_head",
         preset=preset,
         dtype=str(dtype).replace("torch.", ""),
-        device=torch.cuda.get_device_name() if device == "cuda" else f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads",
+        device=device_name(device),
         device_kind=device,
         peak_gbps=peak,
         peak_source=peak_source,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=now_utc(),
         torch=torch.__version__,
-        git_sha=_git_sha(),
+        git_sha=git_sha(),
         rows=rows_out,
     )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _speedups(result: dict) -> list[dict]:

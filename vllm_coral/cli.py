@@ -144,18 +144,24 @@ def _cmd_train_router(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vllm_coral.demo import load_questions
-    from vllm_coral.workflows.evaluate import compare_methods, format_table, heldout_conversations, write_results
+    from vllm_coral.models.checkpoint import read_config
+    from vllm_coral.workflows.evaluate import (
+        compare_methods,
+        drafter_spec,
+        format_table,
+        heldout_conversations,
+        write_results,
+    )
 
     target = _resolve_target(args.target)
+    target_config = read_config(target)
     methods: list[tuple[str, dict | None]] = [("target", None)]
     for item in args.drafter:
         name, sep, path = item.partition("=")
         if not sep or not Path(path, "config.json").is_file():
             raise ValueError(f"--drafter {item!r}: expected NAME=CHECKPOINT_DIR with a config.json")
-        spec = {"method": "eagle", "model": str(Path(path).resolve()), "num_speculative_tokens": args.k}
-        if args.temperature > 0:
-            spec["draft_sample_method"] = args.draft_sample_method
-        methods.append((name, spec))
+        sample = args.draft_sample_method if args.temperature > 0 else None
+        methods.append((name, drafter_spec(path, args.k, target_config=target_config, draft_sample_method=sample)))
     datasets: dict[str, list[list[dict]]] = {}
     if args.questions:
         datasets[args.questions.stem] = [[{"role": "user", "content": q}] for q in load_questions(args.questions, args.num_prompts)]
@@ -293,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="τ, acceptance and speed of trained drafters in vLLM vs the target")
     ev.add_argument("--target", default="smollm2-135m")
-    ev.add_argument("--drafter", action="append", default=[], help="NAME=CHECKPOINT_DIR (EAGLE format); repeatable")
+    ev.add_argument("--drafter", action="append", default=[], help="NAME=CHECKPOINT_DIR (EAGLE/HASS/CORAL); repeatable")
     ev.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ev.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl (first turns)")
     ev.add_argument("--heldout-data", type=Path, default=None, help="folder from 'data generate' (heldout.jsonl)")

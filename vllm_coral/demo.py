@@ -8,8 +8,9 @@ same chat prompts at T=0:
    own drafter. Every draft must be accepted (per-position acceptance 1.0), so this row
    checks the acceptance accounting end to end; it is *slower* than the target alone
    because the drafter costs as much as the target;
-3. each drafter committed under ``checkpoints/<target>/`` (EAGLE and HASS baselines trained
-   by ``vllm-coral train``), served by vLLM's built-in ``eagle`` method.
+3. each drafter committed under ``checkpoints/<target>/`` (EAGLE and HASS baselines and the
+   CORAL drafter with its LM-head router, trained by ``vllm-coral train``), served by vLLM's
+   ``eagle`` method (CORAL through the plugin's routed-head drafter class).
 
 and prints a table (tokens/s, speedup, τ, acceptance per position, and whether every
 output is token-identical to the target's), writing the same numbers to JSON.
@@ -30,7 +31,7 @@ import sys
 from pathlib import Path
 
 from vllm_coral.models.targets import fetch_target
-from vllm_coral.workflows.evaluate import MethodResult, compare_methods, format_table
+from vllm_coral.workflows.evaluate import MethodResult, compare_methods, drafter_spec, format_table
 
 __all__ = ["DEFAULT_PROMPTS", "format_table", "load_questions", "run_demo"]
 
@@ -89,7 +90,7 @@ def run_demo(
         ),
     ]
     for name, ckpt in committed_drafters(target).items():
-        methods.append((name, {"method": "eagle", "model": str(ckpt), "num_speculative_tokens": num_speculative_tokens}))
+        methods.append((name, drafter_spec(ckpt, num_speculative_tokens)))
     results = compare_methods(
         model, methods, conversations, max_tokens=max_tokens, dtype=dtype,
         progress=lambda msg: print(msg, file=sys.stderr),

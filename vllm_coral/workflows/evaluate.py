@@ -18,7 +18,7 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["MethodResult", "compare_methods", "format_table", "heldout_conversations", "plot_acceptance"]
+__all__ = ["MethodResult", "compare_methods", "drafter_spec", "format_table", "heldout_conversations", "plot_acceptance"]
 
 
 @dataclass
@@ -36,6 +36,36 @@ class MethodResult:
     # How many outputs are token-identical to the target's (None for the target itself).
     identical: int | None
     num_prompts: int
+
+
+def drafter_spec(
+    path: str | Path,
+    num_speculative_tokens: int,
+    *,
+    target_config: dict | None = None,
+    draft_sample_method: str | None = None,
+) -> dict:
+    """vLLM's speculative config for one of our drafter checkpoints, after validating it.
+
+    The checkpoint is loaded by its family's loader first (EAGLE/HASS or CORAL), so a bad
+    one fails here with one line instead of deep inside a vLLM worker. CORAL checkpoints
+    also get ``use_local_argmax_reduction``: greedy drafting then takes the routed top-1
+    directly (``get_top_tokens``) instead of argmax over full-vocabulary logits.
+    """
+    from vllm_coral.models.checkpoint import read_config
+    from vllm_coral.models.coral import CoralDrafter
+    from vllm_coral.models.eagle import EagleDrafter
+
+    path = Path(path).resolve()
+    family = (read_config(path).get("vllm_coral") or {}).get("family")
+    loader = CoralDrafter if family == "coral" else EagleDrafter
+    loader.load(path, target_config=target_config)
+    spec = {"method": "eagle", "model": str(path), "num_speculative_tokens": num_speculative_tokens}
+    if family == "coral":
+        spec["use_local_argmax_reduction"] = True
+    if draft_sample_method is not None:
+        spec["draft_sample_method"] = draft_sample_method
+    return spec
 
 
 def compare_methods(
