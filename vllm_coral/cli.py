@@ -173,13 +173,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for name, convs in datasets.items():
         tables[name] = compare_methods(
             target, methods, convs, temperature=args.temperature, max_tokens=args.max_tokens, dtype=args.dtype,
-            progress=lambda msg, name=name: print(f"[{name}] {msg}", file=sys.stderr),
+            batch_size=args.batch_size, progress=lambda msg, name=name: print(f"[{name}] {msg}", file=sys.stderr),
         )  # fmt: skip
         print(f"\n## {name} ({len(convs)} prompts, T={args.temperature}, k={args.k})\n")
         print(format_table(tables[name], exact=args.temperature == 0))
     if args.out:
         meta = dict(target=str(target), k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
-                    dtype=args.dtype, drafters=args.drafter)  # fmt: skip
+                    dtype=args.dtype, batch_size=args.batch_size, drafters=args.drafter)  # fmt: skip
         write_results(args.out, tables, meta)
         print(f"\nwrote {args.out}/eval.json, eval.md, acceptance.png")
     return 0
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl (first turns)")
     ev.add_argument("--heldout-data", type=Path, default=None, help="folder from 'data generate' (heldout.jsonl)")
     ev.add_argument("--num-prompts", type=int, default=80)
+    ev.add_argument("--batch-size", type=int, default=None, help="prompts per vLLM call (default: all at once)")
     ev.add_argument("--max-tokens", type=int, default=256)
     ev.add_argument("--temperature", type=float, default=0.0)
     ev.add_argument("--draft-sample-method", choices=["greedy", "probabilistic"], default="probabilistic")

@@ -44,18 +44,19 @@ DEFAULT_PROMPTS = [
 
 
 def load_questions(path: Path, limit: int) -> list[str]:
-    """First turns of an MT-bench-format file (one JSON object per line with ``turns``)."""
-    prompts = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            prompts.append(json.loads(line)["turns"][0])
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise ValueError(f"{path}:{lineno}: not an MT-bench question (needs 'turns')") from None
-        if len(prompts) == limit:
-            break
-    return prompts
+    """First user turns of a question file (MT-bench, ShareGPT or OpenAI-messages form).
+
+    Parsing is ``vllm_coral.training.data.read_prompts``: malformed lines are skipped and
+    reported on stderr with their line numbers, the readable ones are kept (a file with no
+    usable question at all raises ValueError).
+    """
+    from vllm_coral.training.data import ParseReport, read_prompts
+
+    report = ParseReport()
+    prompts = read_prompts(path, report)
+    if report.skipped:
+        print(f"{path}: {report.summary()}", file=sys.stderr)
+    return [p.turns[0] for p in prompts[:limit]]
 
 
 # Small trained drafters committed with the repository (EAGLE format, served by plain vLLM).

@@ -18,19 +18,21 @@ def test_eval_cli_writes_results(target_path, tmp_path):
     cfg = EagleConfig.from_target(json.loads((target_path / "config.json").read_text()))
     ckpt = EagleDrafter(cfg).save(tmp_path / "random-drafter")
     questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"question_id": 1, "turns": ["What is 2+2?"]}) + "\n")
+    questions.write_text(json.dumps({"question_id": 1, "turns": ["What is 2+2?"]}) + "\n{not json\n"
+                         + json.dumps({"question_id": 2, "turns": ["Name a color."]}) + "\n")
     out = tmp_path / "eval"
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_coral.cli", "eval", "--target", str(target_path),
          "--drafter", f"random={ckpt}", "--questions", str(questions), "--max-tokens", "12",
-         "--k", "2", "--out", str(out)],
+         "--k", "2", "--batch-size", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "eval.json").read_text())
     rows = result["results"]["q"]
     assert [r["name"] for r in rows] == ["target", "random"]
-    assert rows[1]["identical"] == 1  # lossless at T=0 whatever the drafter proposes
+    assert rows[1]["identical"] == 2  # lossless at T=0 whatever the drafter proposes
+    assert rows[1]["num_prompts"] == 2 and "q.jsonl:2: invalid JSON" in proc.stderr  # bad line skipped, reported
     assert len(rows[1]["acceptance_per_position"]) == 2
     assert "| random |" in (out / "eval.md").read_text()
     assert (out / "acceptance.png").read_bytes()[:4] == b"\x89PNG"

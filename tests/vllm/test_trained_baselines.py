@@ -16,13 +16,14 @@ from vllm_coral.demo import committed_drafters  # noqa: E402
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
 
 DRAFTERS = committed_drafters("smollm2-135m")
+BASELINES = ("eagle", "hass")  # CORAL has its own tests (test_coral_vllm.py)
 
 
 def test_both_baselines_are_committed():
-    assert set(DRAFTERS) == {"eagle", "hass"}
+    assert set(BASELINES) <= set(DRAFTERS)
 
 
-@pytest.mark.parametrize("name", sorted(DRAFTERS))
+@pytest.mark.parametrize("name", BASELINES)
 def test_trained_baseline_is_lossless_and_accepts(name, target_path, target_greedy):
     from vllm import SamplingParams
 

@@ -104,11 +104,15 @@ def timed_chat(
     sampling_params: Any,
     *,
     warmup: bool = True,
+    batch_size: int | None = None,
 ) -> ChatRun:
-    """Run ``llm.chat`` on all conversations as one batch and measure it.
+    """Run ``llm.chat`` on the conversations and measure it.
 
-    ``warmup`` first runs one short request so one-time costs (first-call allocations,
-    lazy imports in the workers) stay out of the timing; its acceptance is excluded too.
+    All conversations go in one call (vLLM batches them all at once) unless
+    ``batch_size`` is given: then they run in consecutive calls of that many, which is
+    what a server at that concurrency sees. ``warmup`` first runs one short request so
+    one-time costs (first-call allocations, lazy imports in the workers) stay out of the
+    timing; its acceptance is excluded too.
     """
     from vllm import SamplingParams
 
@@ -116,7 +120,11 @@ def timed_chat(
         llm.chat([list(conversations[0])], SamplingParams(max_tokens=4), use_tqdm=False)
     before = SpecDecodeCounters.from_metrics(llm.get_metrics())
     start = time.perf_counter()
-    outputs = llm.chat([list(c) for c in conversations], sampling_params, use_tqdm=False)
+    step = batch_size or len(conversations)
+    outputs = []
+    for i in range(0, len(conversations), step):
+        chunk = [list(c) for c in conversations[i : i + step]]
+        outputs += llm.chat(chunk, sampling_params, use_tqdm=False)
     seconds = time.perf_counter() - start
     spec = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
     return ChatRun(

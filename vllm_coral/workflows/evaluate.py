@@ -77,6 +77,7 @@ def compare_methods(
     max_tokens: int = 128,
     dtype: str = "float32",
     seed: int = 0,
+    batch_size: int | None = None,
     progress=None,
 ) -> list[MethodResult]:
     """Run each (name, speculative_config) on the conversations; the first must be None."""
@@ -94,7 +95,7 @@ def compare_methods(
         if progress:
             progress(f"running {name} ...")
         with open_llm(**engine_kwargs(model, speculative_config=spec, dtype=dtype, seed=seed)) as llm:
-            run = timed_chat(llm, conversations, params)
+            run = timed_chat(llm, conversations, params, batch_size=batch_size)
             startup = llm.vllm_coral_startup_s
         if reference is None:
             reference, base_tps = run.token_ids, run.tokens_per_second
