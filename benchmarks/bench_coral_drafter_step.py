@@ -25,7 +25,6 @@ Writes ``coral_drafter_step.json`` (device, versions, every row), ``.md`` and ``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import device_name, git_sha, now_utc, time_us  # noqa: E402
+from benchmarks.common import device_name, git_sha, now_utc, time_us, write_outputs  # noqa: E402
 from vllm_coral.kernels.dispatch import grouped_lm_head_argmax  # noqa: E402
 from vllm_coral.models.coral import Router, select_groups  # noqa: E402
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter  # noqa: E402
@@ -169,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = run(args.preset, device, args.reps, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "coral_drafter_step.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "coral_drafter_step.md").write_text(to_markdown(result))
-    plot(result, args.out / "coral_drafter_step.png")
-    print(to_markdown(result))
-    print(f"wrote {args.out}/coral_drafter_step.{{json,md,png}}", file=sys.stderr)
+    write_outputs(args.out, "coral_drafter_step", result, to_markdown, plot)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import device_name, git_sha, now_utc, time_us  # noqa: E402
+from benchmarks.common import device_name, git_sha, now_utc, time_us, write_outputs  # noqa: E402
 from vllm_coral.kernels.reference import grouped_lm_head_ref  # noqa: E402
 
 PRESETS = {
@@ -249,12 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = args.preset or ("full" if device == "cuda" else "cpu")
     result = run(preset, getattr(torch, args.dtype), device, args.reps, args.peak_gbps, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "grouped_lm_head.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "grouped_lm_head.md").write_text(to_markdown(result))
-    plot(result, args.out / "grouped_lm_head.png")
-    print(to_markdown(result))
-    print(f"wrote {args.out}/grouped_lm_head.{{json,md,png}}", file=sys.stderr)
+    write_outputs(args.out, "grouped_lm_head", result, to_markdown, plot)
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import json
+import sys
 import platform
 import statistics
 import subprocess
@@ -13,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "cpu_name", "device_name", "git_sha", "now_utc", "time_us"]
+__all__ = ["ROOT", "cpu_name", "device_name", "git_sha", "now_utc", "time_us", "write_outputs"]
 
 
 def time_us(fn, device: str, reps: int) -> float:
@@ -56,3 +58,13 @@ def git_sha() -> str:
 
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_outputs(out: Path, stem: str, result: dict, to_markdown, plot) -> None:
+    """``out/<stem>.json`` (every row), ``.md`` (the table, also printed) and ``.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(to_markdown(result))
+    plot(result, out / f"{stem}.png")
+    print(to_markdown(result))
+    print(f"wrote {out}/{stem}.{{json,md,png}}", file=sys.stderr)

@@ -9,6 +9,7 @@ full serve round trip with it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import os
@@ -73,26 +74,26 @@ def _get(url: str, timeout: float = 5.0):
     return requests.get(url, timeout=timeout)
 
 
-def test_vllm_serve_with_self_drafting(target_path, tmp_path):
+@contextlib.contextmanager
+def _served(target_path, spec: dict, log_path: Path):
+    """``vllm serve`` the target with ``spec`` on a free local port; yields the base URL.
+    The whole process group is stopped on exit, and it must be gone afterwards."""
     import requests
-
-    from vllm_coral.plugin.metrics import SpecDecodeCounters
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    spec = {"method": "draft_model", "model": str(target_path), "num_speculative_tokens": 2}
     cmd = [
         str(VLLM_CLI), "serve", str(target_path),
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
         "--speculative-config", json.dumps(spec),
     ]  # fmt: skip
-    log = (tmp_path / "serve.log").open("w")
+    log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
                 if _get(f"{base}/health").status_code == 200:
                     break
@@ -100,20 +101,7 @@ def test_vllm_serve_with_self_drafting(target_path, tmp_path):
                 pass
             assert time.monotonic() < deadline, "server did not become healthy in 240 s"
             time.sleep(1)
-
-        body = {
-            "model": str(target_path),
-            "messages": [{"role": "user", "content": "What is 2+2?"}],
-            "temperature": 0,
-            "max_tokens": 24,
-        }
-        reply = requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)
-        assert reply.status_code == 200, reply.text
-        assert "4" in reply.json()["choices"][0]["message"]["content"]
-
-        spec_counts = SpecDecodeCounters.from_prometheus_text(_get(f"{base}/metrics").text)
-        assert spec_counts.num_drafts > 0
-        assert spec_counts.acceptance_per_position == pytest.approx([1.0, 1.0], abs=0.01)
+        yield base
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -124,6 +112,43 @@ def test_vllm_serve_with_self_drafting(target_path, tmp_path):
         log.close()
     # Nothing of the server's process group (engine core, workers) outlives the stop.
     assert _group_gone(proc.pid, timeout=60), "server processes left behind after SIGTERM"
+
+
+def _chat(base: str, target_path, content: str, max_tokens: int) -> str:
+    import requests
+
+    body = {"model": str(target_path), "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": max_tokens}  # fmt: skip
+    reply = requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+def test_vllm_serve_with_self_drafting(target_path, tmp_path):
+    from vllm_coral.plugin.metrics import SpecDecodeCounters
+
+    spec = {"method": "draft_model", "model": str(target_path), "num_speculative_tokens": 2}
+    with _served(target_path, spec, tmp_path / "serve.log") as base:
+        assert "4" in _chat(base, target_path, "What is 2+2?", 24)
+        spec_counts = SpecDecodeCounters.from_prometheus_text(_get(f"{base}/metrics").text)
+        assert spec_counts.num_drafts > 0
+        assert spec_counts.acceptance_per_position == pytest.approx([1.0, 1.0], abs=0.01)
+
+
+def test_vllm_serve_with_committed_coral_drafter(target_path, target_greedy, tmp_path):
+    """The README's serving command for a CORAL checkpoint: plain ``vllm serve`` with the
+    plugin installed, output identical to the target alone."""
+    from vllm_coral.demo import committed_drafters
+    from vllm_coral.plugin.metrics import SpecDecodeCounters
+
+    from .conftest import MAX_TOKENS, PROMPTS
+
+    spec = {"method": "eagle", "model": str(committed_drafters("smollm2-135m")["coral"]), "num_speculative_tokens": 3}
+    with _served(target_path, spec, tmp_path / "serve.log") as base:
+        for prompt, want in zip(PROMPTS[:2], target_greedy.texts[:2]):
+            assert _chat(base, target_path, prompt, MAX_TOKENS) == want
+        spec_counts = SpecDecodeCounters.from_prometheus_text(_get(f"{base}/metrics").text)
+        assert spec_counts.num_drafts > 0 and spec_counts.mean_acceptance_length > 1.0
 
 
 def _group_gone(pgid: int, timeout: float) -> bool:

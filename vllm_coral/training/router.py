@@ -31,7 +31,6 @@ moments per variant) + ``router_state.json`` every ``save_every`` steps; nothing
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -45,7 +44,14 @@ from vllm_coral.models.coral import CoralDrafter, Router, select_groups
 from vllm_coral.models.eagle import EagleDrafter
 from vllm_coral.models.target import TargetHead
 from vllm_coral.models.vocab_groups import STRATEGIES, VocabPartition, partition_vocab
-from vllm_coral.training.trainer import _batches, _collate, load_sequences, unrolled_steps
+from vllm_coral.training.trainer import (
+    _batches,
+    _collate,
+    epoch_batches_of,
+    load_sequences,
+    unrolled_steps,
+    warmup_cosine_lr,
+)
 
 __all__ = ["RouterTrainConfig", "evaluate_routers", "token_counts", "train_router"]
 
@@ -241,17 +247,8 @@ def train_router(
     start = _load_state(out, routers, opts) if resume and state_file.exists() else 0
 
     lengths = [len(s[0]) for s in seqs]
-    batches = []
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batches += _batches(lengths, cfg.batch_tokens, order)
+    batches = epoch_batches_of(lengths, cfg.batch_tokens, cfg.epochs, cfg.seed)
     total = len(batches) if cfg.max_steps is None else min(len(batches), cfg.max_steps)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     bar = None
     if progress:
@@ -269,7 +266,7 @@ def train_router(
             mass = partitions[name].group_mass(probs)[rows]  # [M, N]
             loss = -(mass * router(h).log_softmax(-1)).sum(-1).mean()
             for group in opts[name].param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, total)
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             opts[name].step()

@@ -53,7 +53,8 @@ from vllm_coral.models.target import TargetHead
 from vllm_coral.training.features import iter_shards
 from vllm_coral.training.losses import csra_loss, feature_loss, soft_ce_loss, top1_accuracy, topk_distill_loss
 
-__all__ = ["TrainConfig", "hass_attention_mask", "load_sequences", "train", "unrolled_steps"]
+__all__ = ["TrainConfig", "epoch_batches_of", "hass_attention_mask", "load_sequences", "train", "unrolled_steps",
+           "warmup_cosine_lr"]
 
 
 # Recipe presets; CORAL = HASS + CSRA (tau_c = 0.1, lambda = 0.1: METHODS.md's proposed defaults).
@@ -160,6 +161,23 @@ def _batches(lengths: list[int], batch_tokens: int, order: list[int]) -> list[li
     if cur:
         out.append(cur)
     return out
+
+
+def epoch_batches_of(lengths: list[int], batch_tokens: int, epochs: int, seed: int) -> list[list[int]]:
+    """Token-budget batches of sequence indices, one seeded shuffle per epoch, epochs concatenated."""
+    batches = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches += _batches(lengths, batch_tokens, order)
+    return batches
+
+
+def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def _collate(seqs, ids_list, device):
@@ -330,20 +348,14 @@ def train(
 
     seqs = load_sequences(features, cfg.max_seq_len, head.hidden_size)
     lengths = [len(s[0]) for s in seqs]
-    epoch_batches = []
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        epoch_batches += _batches(lengths, cfg.batch_tokens, order)
+    epoch_batches = epoch_batches_of(lengths, cfg.batch_tokens, cfg.epochs, cfg.seed)
     # Each optimizer step consumes `world` batches (one per rank).
     total_steps = len(epoch_batches) // world
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
     def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
 
     writer = None
     if rank == 0:
