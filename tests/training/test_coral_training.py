@@ -79,6 +79,8 @@ def test_router_training_learns_and_metrics_are_true(target_path, tiny_features,
     for key, m in trained["heldout"].items():
         assert 0.0 <= m["mass"] <= 1.0 and 0.0 <= m["target_top1"] <= 1.0
     assert len(trained["checkpoints"]) == 4
+    table = (tmp_path / "r" / "router_metrics.md").read_text()
+    assert "| kmeans | 8 | 2 | 25.0% |" in table and table.count("\n| ") == 4
 
     # draft_top1 = how often the routed greedy draft equals the dense one: recompute it directly
     head = TargetHead.load(target_path)

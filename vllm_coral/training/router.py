@@ -53,7 +53,7 @@ from vllm_coral.training.trainer import (
     warmup_cosine_lr,
 )
 
-__all__ = ["RouterTrainConfig", "evaluate_routers", "token_counts", "train_router"]
+__all__ = ["RouterTrainConfig", "evaluate_routers", "metrics_table", "token_counts", "train_router"]
 
 
 @dataclass(frozen=True)
@@ -300,4 +300,19 @@ def train_router(
     summary = dict(steps=total, start_step=start, seconds=seconds, variants=len(routers), checkpoints=written,
                    final_loss=last, heldout=metrics, config=asdict(cfg))  # fmt: skip
     (out / "router_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if metrics:
+        (out / "router_metrics.md").write_text(metrics_table(metrics, head.vocab_size))
     return summary
+
+
+def metrics_table(metrics: dict[str, dict[str, float]], vocab_size: int) -> str:
+    """Markdown table of the held-out routing metrics, one row per '<partition>-n<N>-k<k>'."""
+    lines = ["| partition | N | k | head rows computed | target mass in groups | target top-1 in groups | "
+             "greedy draft unchanged |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, m in metrics.items():
+        strategy, n, k = key.rsplit("-", 2)
+        n, k = int(n[1:]), int(k[1:])
+        rows = min(k * -(-vocab_size // n), vocab_size)
+        lines.append(f"| {strategy} | {n} | {k} | {rows / vocab_size:.1%} | {m['mass']:.3f} | {m['target_top1']:.3f} | "
+                     f"{m['draft_top1']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
