@@ -36,6 +36,7 @@ def test_eval_cli_writes_results(target_path, tmp_path):
     assert len(rows[1]["acceptance_per_position"]) == 2
     assert "| random |" in (out / "eval.md").read_text()
     assert (out / "acceptance.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_eval_cli_rejects_bad_drafter(tmp_path):

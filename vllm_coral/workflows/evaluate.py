@@ -18,7 +18,8 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["MethodResult", "compare_methods", "drafter_spec", "format_table", "heldout_conversations", "plot_acceptance"]
+__all__ = ["MethodResult", "compare_methods", "drafter_spec", "format_table", "heldout_conversations", "plot_acceptance",
+           "plot_speedup"]
 
 
 @dataclass
@@ -157,6 +158,32 @@ def plot_acceptance(tables: dict[str, list[MethodResult]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_speedup(tables: dict[str, list[MethodResult]], path: Path) -> None:
+    """Speedup over the target alone per method (bars, τ on top), one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(5.5, 0.6 * max(len(rs) for rs in tables.values()))
+    fig, axes = plt.subplots(1, len(tables), figsize=(width * len(tables), 4.5), squeeze=False)
+    for ax, (dataset, results) in zip(axes[0], tables.items()):
+        names = [r.name for r in results]
+        bars = ax.bar(range(len(results)), [r.speedup for r in results], color="tab:blue")
+        for bar, r in zip(bars, results):
+            if r.mean_acceptance_length is not None:
+                ax.annotate(f"τ {r.mean_acceptance_length:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)  # fmt: skip
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.set_xticks(range(len(results)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel("speedup vs target alone (tok/s ratio)")
+        ax.set_title(dataset)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def heldout_conversations(data_dir: Path, limit: int) -> list[list[dict]]:
     """First user turn (with its system prompt, if any) of each held-out conversation."""
     convs = []
@@ -181,3 +208,4 @@ def write_results(out: Path, tables: dict[str, list[MethodResult]], meta: dict) 
     md = [f"## {name}\n\n{format_table(rs, exact=meta.get('temperature', 0.0) == 0.0)}\n" for name, rs in tables.items()]
     (out / "eval.md").write_text("\n".join(md))
     plot_acceptance(tables, out / "acceptance.png")
+    plot_speedup(tables, out / "speedup.png")
