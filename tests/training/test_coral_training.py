@@ -129,3 +129,22 @@ def test_router_resume_is_bit_identical(target_path, tiny_features, small_drafte
             assert torch.equal(a[k], b[k]), k
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+@pytest.mark.slow
+def test_train_coral_router_cli(target_path, tiny_features, small_drafter, tmp_path):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "vllm_coral.cli", "train", "coral-router", "--target", str(target_path),
+            "--drafter", str(small_drafter), "--features", str(tiny_features)]  # fmt: skip
+    proc = subprocess.run(base + ["--out", str(tmp_path / "r"), "--num-groups", "4", "--top-k", "1", "--max-steps", "1",
+                                  "--heldout-features", str(tiny_features)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"drafter: {tmp_path / 'r' / 'frequency-n4-k1'}" in proc.stdout
+    assert "frequency-n4-k1: held-out mass" in proc.stdout
+    CoralDrafter.load(tmp_path / "r" / "frequency-n4-k1")
+    bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--num-groups", "4", "--top-k", "4"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "vllm-coral: error: every top_k must be in [1, N)" in bad.stderr
