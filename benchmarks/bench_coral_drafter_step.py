@@ -67,7 +67,7 @@ def run(preset: str, device: str, reps: int, seed: int) -> dict:
         torch.manual_seed(seed)
         body = EagleDrafter(cfg).to(device=device, dtype=dtype).eval()
         H, V = cfg.hidden_size, cfg.vocab_size
-        head = (torch.randn(V, H, device=device, dtype=dtype) * H**-0.5)  # random, group-contiguous by fiat
+        head = torch.randn(V, H, device=device, dtype=dtype) * H**-0.5  # random, group-contiguous by fiat
         for T in grid["T"]:
             emb = torch.randn(T, 1, H, device=device, dtype=dtype)
             feat = torch.randn(T, 1, H, device=device, dtype=dtype)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 

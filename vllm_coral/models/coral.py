@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_coral.models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-from vllm_coral.models.eagle import EagleConfig, EagleDrafter, eagle_tensor_shapes
+from vllm_coral.models.eagle import EagleConfig, EagleDrafter, check_same_target, eagle_tensor_shapes
 from vllm_coral.models.vocab_groups import STRATEGIES, VocabPartition
 
 __all__ = [
@@ -182,7 +182,7 @@ class CoralDrafter(nn.Module):
         self.router = Router(config.eagle.hidden_size, config.num_groups)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {k: v for k, v in self.body.state_dict().items()}
+        tensors = dict(self.body.state_dict())
         tensors.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
         tensors[ROW_TO_TOKEN] = self.partition.row_to_token
         return tensors
@@ -198,10 +198,7 @@ class CoralDrafter(nn.Module):
         where = str(directory)
         config = read_coral_config(read_config(directory), where)
         if target_config is not None:
-            for key in ("hidden_size", "vocab_size"):
-                mine = getattr(config.eagle, key)
-                if mine != target_config[key]:
-                    raise CheckpointError(f"{where}: drafter {key}={mine} does not match the target's {key}={target_config[key]}")
+            check_same_target(where, config.eagle, target_config)
         tensors = load_checkpoint(directory, coral_tensor_shapes(config))
         partition = check_row_to_token(tensors.pop(ROW_TO_TOKEN), config, where)
         model = cls(config, partition)

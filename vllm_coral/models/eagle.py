@@ -29,7 +29,7 @@ from torch import nn
 from vllm_coral.models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from vllm_coral.models.llama_layer import LlamaDecoderLayer, LlamaLayerShape, rope_cos_sin
 
-__all__ = ["EagleConfig", "EagleDrafter", "eagle_tensor_shapes"]
+__all__ = ["EagleConfig", "EagleDrafter", "check_same_target", "eagle_tensor_shapes"]
 
 ARCHITECTURE = "EagleLlamaForCausalLM"
 
@@ -146,6 +146,14 @@ def eagle_tensor_shapes(c: EagleConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def check_same_target(where: str, config: EagleConfig, target_config: dict) -> None:
+    """One-line CheckpointError when a drafter was built for another target (hidden size, vocabulary)."""
+    for key in ("hidden_size", "vocab_size"):
+        mine = getattr(config, key)
+        if mine != target_config[key]:
+            raise CheckpointError(f"{where}: drafter {key}={mine} does not match the target's {key}={target_config[key]}")
+
+
 class EagleDrafter(nn.Module):
     def __init__(self, config: EagleConfig) -> None:
         super().__init__()
@@ -195,12 +203,7 @@ class EagleDrafter(nn.Module):
             raise CheckpointError(f"{directory}: not an EAGLE drafter (vllm_coral.family={meta.get('family')!r})")
         config = EagleConfig.from_dict(meta["config"])
         if target_config is not None:
-            for key in ("hidden_size", "vocab_size"):
-                if config.to_dict()[key] != target_config[key]:
-                    raise CheckpointError(
-                        f"{directory}: drafter {key}={config.to_dict()[key]} does not match the "
-                        f"target's {key}={target_config[key]}"
-                    )
+            check_same_target(str(directory), config, target_config)
         model = cls(config)
         model.load_state_dict(load_checkpoint(directory, eagle_tensor_shapes(config)))
         return model

@@ -41,6 +41,8 @@ from vllm_coral.models.coral import (
     routed_top_tokens,
     select_groups,
 )
+from vllm_coral.models.eagle import check_same_target
+from vllm_coral.models.vocab_groups import VocabPartition
 
 __all__ = ["EagleCoralLlamaForCausalLM"]
 
@@ -51,19 +53,17 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         where = f"CORAL drafter {vllm_config.speculative_config.draft_model_config.model}"
         self.coral_config = read_coral_config({"vllm_coral": getattr(self.config, "vllm_coral", None)}, where)
         eagle = self.coral_config.eagle
-        target_vocab = vllm_config.model_config.get_vocab_size()
-        for name, mine, theirs in (
-            ("hidden_size", eagle.hidden_size, self.config.hidden_size),
-            ("vocab_size", eagle.vocab_size, target_vocab),
-        ):
-            if mine != theirs:
-                raise CheckpointError(f"{where}: CORAL {name}={mine} does not match the served model's {name}={theirs}")
+        mc = vllm_config.model_config  # the target being served
+        check_same_target(where, eagle, {"hidden_size": mc.get_hidden_size(), "vocab_size": mc.get_vocab_size()})
         if vllm_config.parallel_config.tensor_parallel_size > 1:
             raise CheckpointError(f"{where}: the routed LM head does not support tensor parallelism yet")
         self._where = where
         dtype = vllm_config.model_config.dtype
         self.router = Router(eagle.hidden_size, self.coral_config.num_groups).to(dtype)
-        self.register_buffer("row_to_token", torch.arange(eagle.vocab_size), persistent=False)
+        # identity until load_weights reads the checkpoint's group map
+        self._partition = VocabPartition(torch.arange(eagle.vocab_size), self.coral_config.num_groups,
+                                         self.coral_config.partition)  # fmt: skip
+        self.register_buffer("row_to_token", self._partition.row_to_token.clone(), persistent=False)
         # The target's LM head in group-contiguous row order, built on first use (the head
         # is shared by vLLM only after load_weights) and rebuilt if vLLM swaps the tensor.
         self._grouped_weight: torch.Tensor | None = None
@@ -79,8 +79,8 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         shapes = {name: tuple(t.shape) for name, t in body}
         shapes.update({name: tuple(t.shape) for name, t in ours.items()})
         check_tensors(self._where, shapes, coral_tensor_shapes(self.coral_config))
-        partition = check_row_to_token(ours[ROW_TO_TOKEN], self.coral_config, self._where)
-        self.row_to_token.copy_(partition.row_to_token)
+        self._partition = check_row_to_token(ours[ROW_TO_TOKEN], self.coral_config, self._where)
+        self.row_to_token.copy_(self._partition.row_to_token)
         self.router.load_state_dict(
             {name[len("router.") :]: t.to(self.router.w1.weight.dtype) for name, t in ours.items() if name != ROW_TO_TOKEN}
         )
@@ -93,8 +93,8 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
     def _grouped(self) -> torch.Tensor:
         weight = self.lm_head.weight
         if self._grouped_source != weight.data_ptr():
-            perm = self.row_to_token.to(weight.device)
-            self._grouped_weight = weight.detach()[perm].contiguous()
+            # vLLM may pad the head's rows past V; the padding is never a token
+            self._grouped_weight = self._partition.grouped_weight(weight.detach()[: self._partition.vocab_size])
             self._grouped_source = weight.data_ptr()
         return self._grouped_weight
 

@@ -31,14 +31,12 @@ moments per variant) + ``router_state.json`` every ``save_every`` steps; nothing
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from vllm_coral.models.coral import CoralDrafter, Router, select_groups
 from vllm_coral.models.eagle import EagleDrafter
@@ -49,8 +47,12 @@ from vllm_coral.training.trainer import (
     _collate,
     epoch_batches_of,
     load_sequences,
+    read_state,
+    restore_training_state,
+    training_state_tensors,
     unrolled_steps,
     warmup_cosine_lr,
+    write_state,
 )
 
 __all__ = ["RouterTrainConfig", "evaluate_routers", "metrics_table", "token_counts", "train_router"]
@@ -161,17 +163,17 @@ def evaluate_routers(
     seqs = load_sequences(features, max_seq_len, head.hidden_size)
     sums: dict[str, dict[str, float]] = {}
     count = 0
+    token_groups = {name: part.token_to_group() for name, part in partitions.items()}
     for batch in _batches([len(s[0]) for s in seqs], batch_tokens, list(range(len(seqs)))):
         ids, mask, feats = _collate(seqs, batch, "cpu")
         h, probs, rows = _router_batches(drafter, head, ids, mask, feats, unroll)
-        p = probs[rows]  # [M, V]
-        target_top1 = p.argmax(-1)
+        # per kept position, then expanded to the M router inputs (no [M, V] copy of probs)
+        target_top1 = probs.argmax(-1)[rows]
         draft_top1 = head.logits(h).argmax(-1)
         count += h.shape[0]
         for name, router in routers.items():
-            part = partitions[name]
-            mass = part.group_mass(p)
-            tok_group = part.token_to_group()
+            mass = partitions[name].group_mass(probs)[rows]  # [M, N]
+            tok_group = token_groups[name]
             r = router(h)
             for k in top_k:
                 chosen = select_groups(r, k)  # [M, k]
@@ -188,29 +190,14 @@ def evaluate_routers(
 def _save_state(out: Path, routers, opts, step: int, cfg: RouterTrainConfig, extra: dict) -> None:
     tensors = {}
     for name, router in routers.items():
-        for k, v in router.state_dict().items():
-            tensors[f"{name}.router.{k}"] = v.detach().clone()
-        pnames = {id(p): n for n, p in router.named_parameters()}
-        for p, st in opts[name].state.items():
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                tensors[f"{name}.opt.{pnames[id(p)]}.{key}"] = torch.as_tensor(st[key]).detach().clone()
-    tmp = out / "router_state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "router_state.safetensors")
-    tmp = out / "router_state.json.tmp"
-    tmp.write_text(json.dumps(dict(step=step, config=asdict(cfg), **extra), indent=2) + "\n")
-    os.replace(tmp, out / "router_state.json")
+        tensors.update(training_state_tensors(router, opts[name], prefix=f"{name}."))
+    write_state(out, "router_state", tensors, dict(step=step, config=asdict(cfg), **extra))
 
 
 def _load_state(out: Path, routers, opts) -> int:
-    meta = json.loads((out / "router_state.json").read_text())
-    tensors = load_file(str(out / "router_state.safetensors"))
+    meta, tensors = read_state(out, "router_state")
     for name, router in routers.items():
-        router.load_state_dict({k[len(name) + 8:]: v for k, v in tensors.items() if k.startswith(f"{name}.router.")})
-        for pname, p in router.named_parameters():
-            if f"{name}.opt.{pname}.exp_avg" in tensors:
-                opts[name].state[p] = {key: tensors[f"{name}.opt.{pname}.{key}"].clone()
-                                       for key in ("exp_avg", "exp_avg_sq", "step")}  # fmt: skip
+        restore_training_state(router, opts[name], tensors, prefix=f"{name}.")
     return int(meta["step"])
 
 

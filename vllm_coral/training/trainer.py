@@ -280,33 +280,53 @@ def _step_losses(cfg, drafter, head, ids, mask, feats, noise):
     return total, terms
 
 
-def _save_state(out: Path, drafter, opt, step: int, cfg: TrainConfig, extra: dict) -> None:
-    tensors = {f"model.{k}": v.detach().clone() for k, v in drafter.state_dict().items()}
-    names = {id(p): n for n, p in drafter.named_parameters()}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p)
-            if state:
-                for key in ("exp_avg", "exp_avg_sq", "step"):
-                    tensors[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(state[key]).detach().clone()
-    tmp = out / "trainer_state.safetensors.tmp"
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def training_state_tensors(module: torch.nn.Module, opt: torch.optim.Optimizer, prefix: str = "") -> dict:
+    """Weights (``<prefix>model.<name>``) and AdamW moments (``<prefix>opt.<param>.<key>``)."""
+    tensors = {f"{prefix}model.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    names = {id(p): n for n, p in module.named_parameters()}
+    for p, state in opt.state.items():
+        if state:
+            for key in _ADAM_KEYS:
+                tensors[f"{prefix}opt.{names[id(p)]}.{key}"] = torch.as_tensor(state[key]).detach().clone()
+    return tensors
+
+
+def restore_training_state(module: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict, prefix: str = "") -> None:
+    """Inverse of ``training_state_tensors``."""
+    head = f"{prefix}model."
+    module.load_state_dict({k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)})
+    for name, p in module.named_parameters():
+        if f"{prefix}opt.{name}.exp_avg" in tensors:
+            opt.state[p] = {key: tensors[f"{prefix}opt.{name}.{key}"].clone() for key in _ADAM_KEYS}
+
+
+def write_state(out: Path, stem: str, tensors: dict, meta: dict) -> None:
+    """``<stem>.safetensors`` + ``<stem>.json``, each replaced atomically (a kill leaves the old pair)."""
+    tmp = out / f"{stem}.safetensors.tmp"
     save_file(tensors, str(tmp))
-    os.replace(tmp, out / "trainer_state.safetensors")
-    meta = dict(step=step, train_config=asdict(cfg), drafter_config=drafter.config.to_dict(), **extra)
-    tmp = out / "trainer_state.json.tmp"
+    os.replace(tmp, out / f"{stem}.safetensors")
+    tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "trainer_state.json")
+    os.replace(tmp, out / f"{stem}.json")
+
+
+def read_state(out: Path, stem: str) -> tuple[dict, dict]:
+    """(meta, tensors) written by ``write_state``."""
+    return json.loads((out / f"{stem}.json").read_text()), load_file(str(out / f"{stem}.safetensors"))
+
+
+def _save_state(out: Path, drafter, opt, step: int, cfg: TrainConfig, extra: dict) -> None:
+    meta = dict(step=step, train_config=asdict(cfg), drafter_config=drafter.config.to_dict(), **extra)
+    write_state(out, "trainer_state", training_state_tensors(drafter, opt), meta)
     drafter.save(out / "drafter", extra={"method": cfg.method, "step": step, **extra})
 
 
 def _load_state(out: Path, drafter, opt) -> int:
-    meta = json.loads((out / "trainer_state.json").read_text())
-    tensors = load_file(str(out / "trainer_state.safetensors"))
-    drafter.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = dict(drafter.named_parameters())
-    for name, p in params.items():
-        if f"opt.{name}.exp_avg" in tensors:
-            opt.state[p] = {key: tensors[f"opt.{name}.{key}"].clone() for key in ("exp_avg", "exp_avg_sq", "step")}
+    meta, tensors = read_state(out, "trainer_state")
+    restore_training_state(drafter, opt, tensors)
     return int(meta["step"])
 
 
