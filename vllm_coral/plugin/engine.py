@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,26 +105,35 @@ def timed_chat(
     *,
     warmup: bool = True,
     batch_size: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> ChatRun:
     """Run ``llm.chat`` on the conversations and measure it.
 
-    All conversations go in one call (vLLM batches them all at once) unless
-    ``batch_size`` is given: then they run in consecutive calls of that many, which is
-    what a server at that concurrency sees. ``warmup`` first runs one short request so
-    one-time costs (first-call allocations, lazy imports in the workers) stay out of the
-    timing; its acceptance is excluded too.
+    ``sampling_params`` is one ``SamplingParams`` for all, or a list with one per
+    conversation (per-request seeds). All conversations go in one call (vLLM batches them
+    all at once) unless ``batch_size`` is given: then they run in consecutive calls of
+    that many, which is what a server at that concurrency sees; ``on_chunk(n)`` is called
+    after each call with the number of conversations it finished. ``warmup`` first runs
+    one short request so one-time costs (first-call allocations, lazy imports in the
+    workers) stay out of the timing; its acceptance is excluded too.
     """
     from vllm import SamplingParams
 
     if warmup:
         llm.chat([list(conversations[0])], SamplingParams(max_tokens=4), use_tqdm=False)
+    per_request = isinstance(sampling_params, (list, tuple))
+    if per_request and len(sampling_params) != len(conversations):
+        raise ValueError(f"{len(sampling_params)} sampling params for {len(conversations)} conversations")
     before = SpecDecodeCounters.from_metrics(llm.get_metrics())
     start = time.perf_counter()
     step = batch_size or len(conversations)
     outputs = []
     for i in range(0, len(conversations), step):
         chunk = [list(c) for c in conversations[i : i + step]]
-        outputs += llm.chat(chunk, sampling_params, use_tqdm=False)
+        params = list(sampling_params[i : i + step]) if per_request else sampling_params
+        outputs += llm.chat(chunk, params, use_tqdm=False)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     seconds = time.perf_counter() - start
     spec = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
     return ChatRun(

@@ -99,6 +99,18 @@ class SpecDecodeCounters:
             ),
         )
 
+    def __add__(self, other: SpecDecodeCounters) -> SpecDecodeCounters:
+        """Counts of two runs together (e.g. the turns of one benchmark row)."""
+        n = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        return SpecDecodeCounters(
+            num_drafts=self.num_drafts + other.num_drafts,
+            num_draft_tokens=self.num_draft_tokens + other.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens + other.num_accepted_tokens,
+            accepted_per_pos=tuple(
+                a + b for a, b in zip(_pad(self.accepted_per_pos, n), _pad(other.accepted_per_pos, n))
+            ),
+        )
+
     @property
     def mean_acceptance_length(self) -> float:
         """τ: tokens produced per target forward that carried a draft (1 when none)."""

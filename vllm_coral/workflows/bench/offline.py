@@ -1,0 +1,230 @@
+"""``vllm-coral bench offline``: every method on the same questions, one vLLM engine each.
+
+For each method row (see :mod:`.methods`) an engine is started (``vllm.LLM`` through
+:func:`vllm_coral.plugin.engine.open_llm`, the same settings for every row) and run on
+every dataset at every temperature, so the start-up is paid once per engine:
+
+- the target alone, ngram: one engine for all temperatures;
+- drafters with token probabilities (draft_model, eagle, hass, coral): one engine per
+  draft sampling mode, since vLLM fixes it per engine. T=0 runs on the ``greedy`` engine
+  (at T=0 both modes draft the argmax); each T>0 runs on every mode asked for.
+
+Questions run turn by turn: all first turns (in batches of ``batch_size``), then the
+second turns with each conversation's own first answer, and so on. Per (dataset, T, row):
+output tokens/s over the generate calls, speedup over the target alone at the same
+(dataset, T) measured in the same invocation, τ / per-position acceptance / draft
+acceptance rate from vLLM's spec-decode counters (the difference of two snapshots), and
+at T=0 the correctness guard against the target's tokens (:mod:`.guard`).
+
+At T>0 every request has its own seed (the run seed and a hash of the request id), so
+a rerun draws the same samples however the requests are batched.
+
+A row that cannot run (bad config, engine that fails to start or crashes) is reported
+with its one-line error and the run goes on; only a failing target alone stops it, as no
+speedup can be measured without it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vllm_coral.training.data import Prompt
+from vllm_coral.workflows.bench.guard import compare_tokens
+from vllm_coral.workflows.bench.methods import BenchError, MethodSpec
+from vllm_coral.workflows.bench.questions import conversation
+from vllm_coral.workflows.bench.server import one_line
+
+__all__ = ["OfflineRow", "engine_plan", "run_offline"]
+
+
+@dataclass
+class OfflineRow:
+    dataset: str
+    # Row label and method kind (MethodSpec.name / .method).
+    method: str
+    kind: str
+    temperature: float
+    # vLLM draft sampling mode this row's engine used; None where it does not apply.
+    draft_sample_method: str | None
+    num_speculative_tokens: int | None
+    speculative_config: dict | None
+    requests: int = 0
+    output_tokens: int = 0
+    # Wall-clock seconds of the generate calls alone.
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    # tokens/s over the target alone's at the same (dataset, T); None if either failed.
+    speedup: float | None = None
+    mean_acceptance_length: float | None = None
+    acceptance_per_position: list[float] = field(default_factory=list)
+    draft_acceptance_rate: float | None = None
+    # Raw vLLM counters of this row (num_drafts, num_draft_tokens, ...).
+    spec_counters: dict | None = None
+    # T=0 only, against the target alone: GuardResult.to_dict().
+    guard: dict | None = None
+    # Seconds to start this row's engine (shared by the rows of one engine).
+    startup_s: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def engine_plan(
+    specs: list[MethodSpec],
+    temperatures: list[float],
+    draft_sample_methods: list[str],
+) -> list[tuple[MethodSpec, str | None, list[float]]]:
+    """(method, draft sampling mode, temperatures) per engine, the target alone first.
+
+    Worked example: temperatures [0, 1], modes [greedy, probabilistic] -> target: (None,
+    [0, 1]); ngram: (None, [0, 1]); eagle: (greedy, [0, 1]) and (probabilistic, [1]).
+    """
+    plan = []
+    for spec in specs:
+        if not spec.has_draft_probs:
+            plan.append((spec, None, list(temperatures)))
+            continue
+        engines: dict[str, list[float]] = {}
+        for t in temperatures:
+            for mode in ["greedy"] if t == 0.0 else draft_sample_methods:
+                engines.setdefault(mode, []).append(t)
+        plan += [(spec, mode, temps) for mode, temps in engines.items()]
+    return plan
+
+
+def run_offline(
+    model: str | Path,
+    specs: list[MethodSpec],
+    datasets: dict[str, list[Prompt]],
+    *,
+    temperatures: list[float],
+    draft_sample_methods: list[str],
+    max_tokens: int = 128,
+    batch_size: int | None = 8,
+    seed: int = 0,
+    dtype: str = "float32",
+    log=print,
+) -> list[OfflineRow]:
+    """Run the plan; returns one row per (engine, dataset, temperature)."""
+    from vllm import SamplingParams
+
+    from vllm_coral.plugin.engine import engine_kwargs, open_llm
+
+    plan = engine_plan(specs, temperatures, draft_sample_methods)
+    rows: list[OfflineRow] = []
+    reference: dict[tuple[str, float], dict[str, list[int]]] = {}
+    for n, (spec, mode, temps) in enumerate(plan, 1):
+        label = spec.name + (f" ({mode})" if mode else "")
+        config = spec.engine_config(mode)
+        k = (config or {}).get("num_speculative_tokens")
+
+        def new_row(dataset: str, t: float, **kw) -> OfflineRow:
+            return OfflineRow(dataset=dataset, method=spec.name, kind=spec.method, temperature=t,
+                              draft_sample_method=mode, num_speculative_tokens=k, speculative_config=config, **kw)  # fmt: skip
+
+        if spec.error:
+            log(f"[{n}/{len(plan)}] {label}: skipped: {spec.error}")
+            rows += [new_row(d, t, error=spec.error) for t in temps for d in datasets]
+            continue
+        log(f"[{n}/{len(plan)}] {label}: starting vLLM ...")
+        try:
+            with open_llm(**engine_kwargs(model, speculative_config=config, dtype=dtype, seed=seed)) as llm:
+                startup = llm.vllm_coral_startup_s
+                first = True
+                for t in temps:
+                    for dataset, prompts in datasets.items():
+                        row = new_row(dataset, t, startup_s=startup)
+                        try:
+                            tokens = _run_dataset(llm, prompts, row, SamplingParams, max_tokens, batch_size, seed,
+                                                  warmup=first, desc=f"{label} · {dataset} T={t:g}")  # fmt: skip
+                        except Exception as e:  # noqa: BLE001 - a crashed row is reported, the run goes on
+                            if spec.method == "none":
+                                raise
+                            row.error = f"generation failed: {one_line(e)}"
+                            tokens = None
+                        first = False
+                        rows.append(row)
+                        if tokens is not None and t == 0.0:
+                            if spec.method == "none":
+                                reference[(dataset, t)] = tokens
+                            elif (dataset, t) in reference:
+                                row.guard = compare_tokens(reference[(dataset, t)], tokens).to_dict()
+                        log(f"    {_summary(row)}")
+        except Exception as e:  # noqa: BLE001
+            if spec.method == "none":
+                raise BenchError(f"the target alone failed, nothing to compare with: {one_line(e)}") from e
+            error = f"vLLM engine failed: {one_line(e)}"
+            log(f"    {label}: {error}")
+            done = {(r.dataset, r.temperature) for r in rows if r.method == spec.name and r.draft_sample_method == mode}
+            rows += [new_row(d, t, error=error) for t in temps for d in datasets if (d, t) not in done]
+    _fill_speedups(rows)
+    return rows
+
+
+def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_tokens: int, batch_size: int | None,
+                 seed: int, *, warmup: bool, desc: str) -> dict[str, list[int]]:  # fmt: skip
+    """All turns of all prompts; fills the row's figures, returns request id -> tokens."""
+    from tqdm import tqdm
+
+    from vllm_coral.plugin.engine import timed_chat
+    from vllm_coral.plugin.metrics import SpecDecodeCounters
+
+    answers: dict[str, list[str]] = {p.id: [] for p in prompts}
+    tokens: dict[str, list[int]] = {}
+    counters = SpecDecodeCounters()
+    total = sum(len(p.turns) for p in prompts)
+    with tqdm(total=total, desc=desc, unit="req", leave=False, dynamic_ncols=True) as bar:
+        for turn in range(1, max(len(p.turns) for p in prompts) + 1):
+            active = [p for p in prompts if len(p.turns) >= turn]
+            ids = [f"{p.id}/turn{turn}" for p in active]
+            params = [_sampling(sampling_cls, row.temperature, max_tokens, seed, rid) for rid in ids]
+            convs = [conversation(p, turn, answers[p.id]) for p in active]
+            run = timed_chat(llm, convs, params, warmup=warmup and turn == 1, batch_size=batch_size,
+                             on_chunk=bar.update)  # fmt: skip
+            for p, rid, ids_, text in zip(active, ids, run.token_ids, run.texts):
+                answers[p.id].append(text)
+                tokens[rid] = ids_
+            row.seconds += run.seconds
+            row.output_tokens += run.num_output_tokens
+            counters = counters + run.spec
+    row.requests = len(tokens)
+    row.tokens_per_second = row.output_tokens / row.seconds if row.seconds else 0.0
+    if row.speculative_config is not None:
+        row.spec_counters = counters.to_dict()
+        row.mean_acceptance_length = counters.mean_acceptance_length
+        row.acceptance_per_position = counters.acceptance_per_position
+        row.draft_acceptance_rate = counters.draft_acceptance_rate
+    return tokens
+
+
+def _sampling(sampling_cls, temperature: float, max_tokens: int, seed: int, request_id: str):
+    if temperature == 0.0:
+        return sampling_cls(temperature=0.0, max_tokens=max_tokens)
+    return sampling_cls(temperature=temperature, max_tokens=max_tokens, seed=request_seed(seed, request_id))
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """Per-request sampling seed, independent of batching and of the other requests."""
+    return (seed * 1_000_003 + zlib.crc32(request_id.encode())) % (2**31)
+
+
+def _fill_speedups(rows: list[OfflineRow]) -> None:
+    base = {(r.dataset, r.temperature): r.tokens_per_second for r in rows
+            if r.kind == "none" and r.error is None and r.tokens_per_second > 0}  # fmt: skip
+    for r in rows:
+        b = base.get((r.dataset, r.temperature))
+        r.speedup = r.tokens_per_second / b if b and r.error is None else None
+
+
+def _summary(row: OfflineRow) -> str:
+    if row.error:
+        return f"{row.dataset} T={row.temperature:g}: error: {row.error}"
+    text = f"{row.dataset} T={row.temperature:g}: {row.requests} requests, {row.tokens_per_second:.1f} tok/s"
+    if row.mean_acceptance_length is not None:
+        text += f", τ {row.mean_acceptance_length:.2f}"
+    if row.guard is not None:
+        text += f", identical {row.guard['identical']}/{row.guard['compared']}"
+    return text

