@@ -7,7 +7,6 @@
     vllm-coral train eagle --features features/smol/train --out runs/eagle
     vllm-coral train coral --features features/smol/train --out runs/coral
     vllm-coral train coral-router --drafter runs/coral/drafter --features features/smol/train --out runs/router
-    vllm-coral eval --drafter eagle=runs/eagle/drafter --questions question.jsonl --out results/eval
     vllm-coral bench questions gsm8k --limit 100 --out q/gsm8k.jsonl
     vllm-coral bench offline --methods benchmarks/configs/smollm2-135m.json --questions q/gsm8k.jsonl --out r/off
     vllm-coral bench serve --questions q/gsm8k.jsonl --concurrency 1 4 16 --out r/serve
@@ -55,7 +54,8 @@ def _cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vllm_coral.demo import format_table, load_questions, run_demo
+    from vllm_coral.demo import format_table, run_demo
+    from vllm_coral.workflows.bench.questions import load_questions
 
     prompts = load_questions(args.questions, args.num_prompts) if args.questions else None
     results = run_demo(
@@ -68,7 +68,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print(format_table(results))
     if args.out:
-        print(f"\nwrote {args.out / 'demo.json'} and {args.out / 'demo.md'}")
+        print(f"\nwrote {args.out / 'bench_offline.json'}, bench_offline.md and plots")
     return 0
 
 
@@ -144,49 +144,6 @@ def _cmd_train_router(args: argparse.Namespace) -> int:
               f"greedy draft kept {m['draft_top1']:.3f}")  # fmt: skip
     for path in summary["checkpoints"]:
         print(f"drafter: {path}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from vllm_coral.demo import load_questions
-    from vllm_coral.models.checkpoint import read_config
-    from vllm_coral.workflows.evaluate import (
-        compare_methods,
-        drafter_spec,
-        format_table,
-        heldout_conversations,
-        write_results,
-    )
-
-    target = _resolve_target(args.target)
-    target_config = read_config(target)
-    methods: list[tuple[str, dict | None]] = [("target", None)]
-    for item in args.drafter:
-        name, sep, path = item.partition("=")
-        if not sep or not Path(path, "config.json").is_file():
-            raise ValueError(f"--drafter {item!r}: expected NAME=CHECKPOINT_DIR with a config.json")
-        sample = args.draft_sample_method if args.temperature > 0 else None
-        methods.append((name, drafter_spec(path, args.k, target_config=target_config, draft_sample_method=sample)))
-    datasets: dict[str, list[list[dict]]] = {}
-    if args.questions:
-        datasets[args.questions.stem] = [[{"role": "user", "content": q}] for q in load_questions(args.questions, args.num_prompts)]
-    if args.heldout_data:
-        datasets["heldout"] = heldout_conversations(args.heldout_data, args.num_prompts)
-    if not datasets:
-        raise ValueError("give --questions and/or --heldout-data")
-    tables = {}
-    for name, convs in datasets.items():
-        tables[name] = compare_methods(
-            target, methods, convs, temperature=args.temperature, max_tokens=args.max_tokens, dtype=args.dtype,
-            batch_size=args.batch_size, progress=lambda msg, name=name: print(f"[{name}] {msg}", file=sys.stderr),
-        )  # fmt: skip
-        print(f"\n## {name} ({len(convs)} prompts, T={args.temperature}, k={args.k})\n")
-        print(format_table(tables[name], exact=args.temperature == 0))
-    if args.out:
-        meta = dict(target=str(target), k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
-                    dtype=args.dtype, batch_size=args.batch_size, drafters=args.drafter)  # fmt: skip
-        write_results(args.out, tables, meta)
-        print(f"\nwrote {args.out}/eval.json, eval.md, acceptance.png")
     return 0
 
 
@@ -299,7 +256,6 @@ def _cmd_bench_questions(args: argparse.Namespace) -> int:
 
 def _cmd_env(args: argparse.Namespace) -> int:
     import importlib.metadata as md
-    import os
 
     from vllm_coral.models.targets import coral_home
     from vllm_coral.plugin.cpu_defaults import find_libiomp, planned_cpu_defaults
@@ -409,31 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--seed", type=int)
     rt.set_defaults(func=_cmd_train_router)
 
-    ev = sub.add_parser("eval", help="τ, acceptance and speed of trained drafters in vLLM vs the target")
-    ev.add_argument("--target", default="smollm2-135m")
-    ev.add_argument("--drafter", action="append", default=[], help="NAME=CHECKPOINT_DIR (EAGLE/HASS/CORAL); repeatable")
-    ev.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
-    ev.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl (first turns)")
-    ev.add_argument("--heldout-data", type=Path, default=None, help="folder from 'data generate' (heldout.jsonl)")
-    ev.add_argument("--num-prompts", type=int, default=80)
-    ev.add_argument("--batch-size", type=int, default=None, help="prompts per vLLM call (default: all at once)")
-    ev.add_argument("--max-tokens", type=int, default=256)
-    ev.add_argument("--temperature", type=float, default=0.0)
-    ev.add_argument("--draft-sample-method", choices=["greedy", "probabilistic"], default="probabilistic")
-    ev.add_argument("--dtype", default="float32")
-    ev.add_argument("--out", type=Path, default=None, help="write eval.json, eval.md, acceptance.png")
-    ev.set_defaults(func=_cmd_eval)
-
     demo = sub.add_parser("demo", help="target alone vs self-drafting draft_model in vLLM")
     demo.add_argument("--target", default="smollm2-135m")
     demo.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     demo.add_argument("--max-tokens", type=int, default=128)
-    demo.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl")
+    demo.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl (all turns of each question)")
     demo.add_argument("--num-prompts", type=int, default=4)
     demo.add_argument(
         "--dtype", default="float32", help="vLLM dtype: float32 (exact comparison), bfloat16, auto"
     )
-    demo.add_argument("--out", type=Path, default=None, help="write demo.json and demo.md here")
+    demo.add_argument("--out", type=Path, default=None, help="write bench_offline.json/.md and plots here")
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmark speculative decoding through real vLLM").add_subparsers(

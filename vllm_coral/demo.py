@@ -24,16 +24,17 @@ Trained drafters of later methods join this table as they land.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import sys
 from pathlib import Path
 
+from vllm_coral.models.checkpoint import read_config
 from vllm_coral.models.targets import fetch_target
-from vllm_coral.workflows.evaluate import MethodResult, compare_methods, drafter_spec, format_table
+from vllm_coral.training.data import Prompt
+from vllm_coral.workflows.bench.methods import resolve_methods
+from vllm_coral.workflows.bench.offline import OfflineRow, run_offline
+from vllm_coral.workflows.bench.report import run_metadata, write_run
 
-__all__ = ["DEFAULT_PROMPTS", "format_table", "load_questions", "run_demo"]
+__all__ = ["DEFAULT_PROMPTS", "committed_drafters", "format_table", "run_demo"]
 
 DEFAULT_PROMPTS = [
     "Write a short poem about the sea.",
@@ -41,23 +42,6 @@ DEFAULT_PROMPTS = [
     "Give me a Python function that returns the n-th Fibonacci number.",
     "What are three tips for staying focused while studying?",
 ]
-
-
-def load_questions(path: Path, limit: int) -> list[str]:
-    """First user turns of a question file (MT-bench, ShareGPT or OpenAI-messages form).
-
-    Parsing is ``vllm_coral.training.data.read_prompts``: malformed lines are skipped and
-    reported on stderr with their line numbers, the readable ones are kept (a file with no
-    usable question at all raises ValueError).
-    """
-    from vllm_coral.training.data import ParseReport, read_prompts
-
-    report = ParseReport()
-    prompts = read_prompts(path, report)
-    if report.skipped:
-        print(f"{path}: {report.summary()}", file=sys.stderr)
-    return [p.turns[0] for p in prompts[:limit]]
-
 
 # Small trained drafters committed with the repository (EAGLE format, served by plain vLLM).
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -76,36 +60,44 @@ def run_demo(
     target: str = "smollm2-135m",
     num_speculative_tokens: int = 3,
     max_tokens: int = 128,
-    prompts: list[str] | None = None,
+    prompts: list[Prompt] | None = None,
     dtype: str = "float32",
     out: Path | None = None,
-) -> list[MethodResult]:
+) -> list[OfflineRow]:
+    """The demo's rows: one vLLM engine per method, all prompts in one batch, T=0."""
     model = fetch_target(target)
     print(f"target: {model}", file=sys.stderr)
-    conversations = [[{"role": "user", "content": p}] for p in (prompts or DEFAULT_PROMPTS)]
-    methods = [
-        ("target", None),
-        (
-            "draft_model (self)",
-            {"method": "draft_model", "model": str(model), "num_speculative_tokens": num_speculative_tokens},
-        ),
+    entries = [
+        {"name": "target", "method": "none"},
+        {"name": "draft_model (self)", "method": "draft_model", "model": str(model)},
     ]
     for name, ckpt in committed_drafters(target).items():
-        methods.append((name, drafter_spec(ckpt, num_speculative_tokens)))
-    results = compare_methods(
-        model, methods, conversations, max_tokens=max_tokens, dtype=dtype,
-        progress=lambda msg: print(msg, file=sys.stderr),
-    )  # fmt: skip
+        entries.append({"name": name, "method": name, "checkpoint": str(ckpt)})
+    specs = resolve_methods(entries, target_config=read_config(model), default_k=num_speculative_tokens)
+    if prompts is None:
+        prompts = [Prompt(id=f"demo/{i}", turns=(p,)) for i, p in enumerate(DEFAULT_PROMPTS)]
+    meta = run_metadata()
+    rows = run_offline(model, specs, {"demo": prompts}, temperatures=[0.0], draft_sample_methods=["greedy"],
+                       max_tokens=max_tokens, batch_size=None, dtype=dtype,
+                       log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "target": target,
-            "model_path": str(model),
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-            "results": [r.__dict__ for r in results],
-        }
-        (out / "demo.json").write_text(json.dumps(payload, indent=2) + "\n")
-        (out / "demo.md").write_text(format_table(results) + "\n")
-    return results
+        config = {"target": target, "max_tokens": max_tokens, "k": num_speculative_tokens, "dtype": dtype,
+                  "methods": entries}  # fmt: skip
+        write_run(out, "offline", rows, config, meta)
+    return rows
+
+
+def format_table(rows: list[OfflineRow]) -> str:
+    """The demo's compact table (the full one is ``bench_offline.md`` with ``--out``)."""
+    header = "| method | startup s | tok/s | speedup | τ | acceptance per position | identical to target |"
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.method} | - | - | - | - | - | error: {r.error} |")
+            continue
+        tau = f"{r.mean_acceptance_length:.2f}" if r.mean_acceptance_length is not None else "-"
+        acc = " ".join(f"{a:.2f}" for a in r.acceptance_per_position) or "-"
+        same = f"{r.guard['identical']}/{r.guard['compared']}" if r.guard else "-"
+        lines.append(f"| {r.method} | {r.startup_s:.1f} | {r.tokens_per_second:.1f} | {r.speedup:.2f}x | {tau} | {acc} "
+                     f"| {same} |")  # fmt: skip
+    return "\n".join(lines)

@@ -26,7 +26,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from vllm_coral.demo import committed_drafters  # noqa: E402
-from vllm_coral.workflows.evaluate import drafter_spec  # noqa: E402
+from vllm_coral.workflows.bench.methods import drafter_spec  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
 

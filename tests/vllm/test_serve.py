@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,56 +57,22 @@ def test_cli_version_with_shim():
     assert proc.stdout.strip().splitlines()[-1].endswith("+cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _served(target_path, spec: dict, log_path: Path):
+    """The benchmarks' ``served`` (127.0.0.1, free port, healthy before the block); the
+    whole process group (API server, engine core, workers) must be gone afterwards."""
+    from vllm_coral.workflows.bench.server import group_alive, served
+
+    pids = []
+    with served(target_path, log_path, speculative_config=spec, on_start=pids.append) as base:
+        yield base
+    assert not group_alive(pids[0]), "server processes left behind after the stop"
 
 
 def _get(url: str, timeout: float = 5.0):
     import requests
 
     return requests.get(url, timeout=timeout)
-
-
-@contextlib.contextmanager
-def _served(target_path, spec: dict, log_path: Path):
-    """``vllm serve`` the target with ``spec`` on a free local port; yields the base URL.
-    The whole process group is stopped on exit, and it must be gone afterwards."""
-    import requests
-
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(VLLM_CLI), "serve", str(target_path),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-        "--speculative-config", json.dumps(spec),
-    ]  # fmt: skip
-    log = log_path.open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if _get(f"{base}/health").status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy in 240 s"
-            time.sleep(1)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-    # Nothing of the server's process group (engine core, workers) outlives the stop.
-    assert _group_gone(proc.pid, timeout=60), "server processes left behind after SIGTERM"
 
 
 def _chat(base: str, target_path, content: str, max_tokens: int) -> str:
@@ -149,15 +110,3 @@ def test_vllm_serve_with_committed_coral_drafter(target_path, target_greedy, tmp
             assert _chat(base, target_path, prompt, MAX_TOKENS) == want
         spec_counts = SpecDecodeCounters.from_prometheus_text(_get(f"{base}/metrics").text)
         assert spec_counts.num_drafts > 0 and spec_counts.mean_acceptance_length > 1.0
-
-
-def _group_gone(pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.5)
-    os.killpg(pgid, signal.SIGKILL)
-    return False

@@ -123,3 +123,11 @@ def test_engine_plan_worked_example():
     # T=0 always drafts greedily; probabilistic alone at T=1 still gives a T=0 greedy engine.
     plan = [(mode, temps) for _, mode, temps in engine_plan([eagle], [0.0, 1.0], ["probabilistic"])]
     assert plan == [("greedy", [0.0]), ("probabilistic", [1.0])]
+
+
+def test_reference_methods_file_resolves(target_config):
+    """benchmarks/configs/smollm2-135m.json (the committed reference run) names valid rows."""
+    entries, k, base = load_methods_file(CKPTS.parents[1] / "benchmarks" / "configs" / "smollm2-135m.json")
+    specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
+    assert [s.error for s in specs] == [None] * len(specs)
+    assert [s.method for s in specs] == ["none", "ngram", "eagle", "hass", "coral"]

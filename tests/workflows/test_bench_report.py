@@ -93,3 +93,17 @@ def test_percentiles_and_level_summary():
     # TPOT: (1.1 - 0.1) / 10 = 0.1 s and (0.5 - 0.3) / 2 = 0.1 s.
     assert row.tpot_ms["p50"] == pytest.approx(100.0)
     assert row.itl_ms["p99"] == pytest.approx(100.0)
+
+
+def test_report_cli_merges_runs(tmp_path, capsys):
+    from vllm_coral.cli import main
+
+    meta = run_metadata([])
+    write_run(tmp_path / "a", "offline", _offline_rows(), {}, meta)
+    write_run(tmp_path / "b", "serve", _serve_rows(), {}, meta)
+    assert main(["bench", "report", str(tmp_path / "a"), str(tmp_path / "b" / "bench_serve.json"),
+                 "--out", str(tmp_path / "all")]) == 0  # fmt: skip
+    assert "summary.md" in capsys.readouterr().out
+    assert "## Served" in (tmp_path / "all" / "summary.md").read_text()
+    assert main(["bench", "report", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "vllm-coral: error:" in capsys.readouterr().err

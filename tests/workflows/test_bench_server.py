@@ -84,9 +84,11 @@ def test_last_error_line_strips_vllm_log_prefixes(tmp_path):
         '  File "x.py", line 1\n'
         "(APIServer pid=1) ERROR 11-23 17:42:29 [core.py:9] EngineCore failed to start.\n"
         "pydantic_core._pydantic_core.ValidationError: 1 validation error for SpeculativeConfig\n"
-        "  Value error, bad draft model\n"
+        "prompt_lookup_max\n"
+        "  Input should be greater than or equal to 1 [type=greater_than_equal, input_value=-3, input_type=int]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/greater_than_equal\n"
     )
     assert last_error_line(log) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for "
-                                    "SpeculativeConfig; Value error, bad draft model")
+                                    "SpeculativeConfig; prompt_lookup_max: Input should be greater than or equal to 1")
     assert last_error_line(tmp_path / "missing.log") == "(no log)"
     assert os.path.exists(log)

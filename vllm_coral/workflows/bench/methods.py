@@ -40,6 +40,7 @@ __all__ = [
     "DRAFT_SAMPLE_METHODS",
     "METHODS",
     "MethodSpec",
+    "drafter_spec",
     "load_methods_file",
     "parse_method",
     "resolve_methods",
@@ -201,7 +202,6 @@ def _speculative_config(entry: dict, method: str, k: int, target_config: dict, b
                 raise FileNotFoundError(f"draft model {folder}: no config.json")
         return {"method": "draft_model", "model": str(folder), "num_speculative_tokens": k}
     from vllm_coral.models.checkpoint import read_config
-    from vllm_coral.workflows.evaluate import drafter_spec
 
     ckpt = entry.get("checkpoint")
     if not isinstance(ckpt, str):
@@ -214,6 +214,36 @@ def _speculative_config(entry: dict, method: str, k: int, target_config: dict, b
     if trained != method:
         raise ValueError(f"checkpoint {folder} holds a {trained} drafter, not {method}")
     return drafter_spec(folder, k, target_config=target_config)
+
+
+def drafter_spec(
+    path: str | Path,
+    num_speculative_tokens: int,
+    *,
+    target_config: dict | None = None,
+    draft_sample_method: str | None = None,
+) -> dict:
+    """vLLM's speculative config for one of our drafter checkpoints, after validating it.
+
+    The checkpoint is loaded by its family's loader first (EAGLE/HASS or CORAL), so a bad
+    one fails here with one line instead of deep inside a vLLM worker. CORAL checkpoints
+    also get ``use_local_argmax_reduction``: greedy drafting then takes the routed top-1
+    directly (``get_top_tokens``) instead of argmax over full-vocabulary logits.
+    """
+    from vllm_coral.models.checkpoint import read_config
+    from vllm_coral.models.coral import CoralDrafter
+    from vllm_coral.models.eagle import EagleDrafter
+
+    path = Path(path).resolve()
+    family = (read_config(path).get("vllm_coral") or {}).get("family")
+    loader = CoralDrafter if family == "coral" else EagleDrafter
+    loader.load(path, target_config=target_config)
+    spec = {"method": "eagle", "model": str(path), "num_speculative_tokens": num_speculative_tokens}
+    if family == "coral":
+        spec["use_local_argmax_reduction"] = True
+    if draft_sample_method is not None:
+        spec["draft_sample_method"] = draft_sample_method
+    return spec
 
 
 def _looks_like_path(text: str) -> bool:

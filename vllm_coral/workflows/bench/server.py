@@ -146,8 +146,8 @@ _PREFIX = re.compile(r"^(\([^)]*pid=\d+\)\s*)?((DEBUG|INFO|WARNING|ERROR|CRITICA
 def last_error_line(log_path: Path) -> str:
     """The log's last line naming an error (else its last line), without vLLM's prefix.
 
-    An indented detail line right after it (pydantic prints the reason there) is added
-    after "; ".
+    For a pydantic validation error, the field and the reason (printed on the next two
+    lines) are added after "; ".
     """
     try:
         raw = log_path.read_text(errors="replace").splitlines()
@@ -159,8 +159,10 @@ def last_error_line(log_path: Path) -> str:
     hits = [i for i, ln in enumerate(lines) if _ERROR.search(ln) and not ln.startswith(("Traceback", " "))]
     i = hits[-1] if hits else len(lines) - 1
     line = _PREFIX.sub("", lines[i].strip())
-    if i + 1 < len(lines) and lines[i + 1].startswith(" ") and not lines[i + 1].lstrip().startswith("File "):
-        line += "; " + lines[i + 1].strip()
+    if "validation error" in line:
+        # pydantic: "<field>" then "  <reason> [type=...]" on the next lines.
+        detail = [ln.strip().split(" [type=")[0] for ln in lines[i + 1 : i + 3] if "errors.pydantic.dev" not in ln]
+        line += "; " + ": ".join(detail)
     return line[:300]
 
 
