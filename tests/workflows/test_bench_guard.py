@@ -48,3 +48,11 @@ def test_mismatch_is_shown_in_the_tables():
     table = format_offline(rows)
     assert "| 2/3 **MISMATCH** |" in table
     assert "0.70x · τ 1.40 · 2/3 **MISMATCH**" in format_headline(rows)
+
+
+def test_mismatch_carries_the_context_to_replay_it():
+    corrupted = {k: list(v) for k, v in REFERENCE.items()}
+    corrupted["81/turn1"][2] = 1234
+    prompts = {"81/turn1": [100, 101], "81/turn2": [102], "82/turn1": [103]}
+    [m] = compare_tokens(REFERENCE, corrupted, prompts).mismatches
+    assert m.context_token_ids == [100, 101, 5, 6]  # prompt + the target's output before position 2

@@ -88,6 +88,8 @@ class ChatRun:
     seconds: float
     # Acceptance counted during this run only (zeros without speculation).
     spec: SpecDecodeCounters = field(default_factory=SpecDecodeCounters)
+    # [num_prompts][prompt_len] the chat-templated prompt tokens, in prompt order.
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def num_output_tokens(self) -> int:
@@ -141,4 +143,5 @@ def timed_chat(
         texts=[o.outputs[0].text for o in outputs],
         seconds=seconds,
         spec=spec,
+        prompt_token_ids=[list(o.prompt_token_ids or []) for o in outputs],
     )

@@ -27,6 +27,9 @@ class Mismatch:
     # Output lengths of both.
     expected_len: int
     got_len: int
+    # Where the two part, for replay: the request's prompt tokens (chat template applied)
+    # + the target's output before ``position``. None when prompts were not given.
+    context_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -51,8 +54,11 @@ class GuardResult:
 def compare_tokens(
     reference: dict[str, list[int]],
     candidate: dict[str, list[int]],
+    prompts: dict[str, list[int]] | None = None,
 ) -> GuardResult:
     """Compare outputs request by request (keys are request ids such as ``"81/turn1"``).
+
+    ``prompts`` (request id -> prompt tokens) is copied into each mismatch for replay.
 
     A request the candidate did not produce counts as a mismatch at position 0.
     Worked example: reference [5, 6, 7], candidate [5, 9, 7] -> first difference at
@@ -61,8 +67,9 @@ def compare_tokens(
     result = GuardResult(compared=len(reference), identical=0)
     for request, want in reference.items():
         got = candidate.get(request)
+        prompt = (prompts or {}).get(request)
         if got is None:
-            result.mismatches.append(Mismatch(request, 0, want[0] if want else None, None, len(want), 0))
+            result.mismatches.append(Mismatch(request, 0, want[0] if want else None, None, len(want), 0, prompt))
             continue
         if got == want:
             result.identical += 1
@@ -76,6 +83,7 @@ def compare_tokens(
                 got=got[pos] if pos < len(got) else None,
                 expected_len=len(want),
                 got_len=len(got),
+                context_token_ids=None if prompt is None else prompt + want[:pos],
             )
         )
     return result

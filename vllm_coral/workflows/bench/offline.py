@@ -115,7 +115,8 @@ def run_offline(
 
     plan = engine_plan(specs, temperatures, draft_sample_methods)
     rows: list[OfflineRow] = []
-    reference: dict[tuple[str, float], dict[str, list[int]]] = {}
+    # (dataset, T) -> the target alone's (output tokens, prompt tokens) per request.
+    reference: dict[tuple[str, float], tuple[dict[str, list[int]], dict[str, list[int]]]] = {}
     for n, (spec, mode, temps) in enumerate(plan, 1):
         label = spec.name + (f" ({mode})" if mode else "")
         config = spec.engine_config(mode)
@@ -138,8 +139,8 @@ def run_offline(
                     for dataset, prompts in datasets.items():
                         row = new_row(dataset, t, startup_s=startup)
                         try:
-                            tokens = _run_dataset(llm, prompts, row, SamplingParams, max_tokens, batch_size, seed,
-                                                  warmup=first, desc=f"{label} · {dataset} T={t:g}")  # fmt: skip
+                            tokens, prompt_ids = _run_dataset(llm, prompts, row, SamplingParams, max_tokens, batch_size,
+                                                              seed, warmup=first, desc=f"{label} · {dataset} T={t:g}")  # fmt: skip
                         except Exception as e:  # noqa: BLE001 - a crashed row is reported, the run goes on
                             if spec.method == "none":
                                 raise
@@ -149,9 +150,10 @@ def run_offline(
                         rows.append(row)
                         if tokens is not None and t == 0.0:
                             if spec.method == "none":
-                                reference[(dataset, t)] = tokens
+                                reference[(dataset, t)] = (tokens, prompt_ids)
                             elif (dataset, t) in reference:
-                                row.guard = compare_tokens(reference[(dataset, t)], tokens).to_dict()
+                                want, want_prompts = reference[(dataset, t)]
+                                row.guard = compare_tokens(want, tokens, want_prompts).to_dict()
                         log(f"    {_summary(row)}")
         except Exception as e:  # noqa: BLE001
             if spec.method == "none":
@@ -165,8 +167,9 @@ def run_offline(
 
 
 def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_tokens: int, batch_size: int | None,
-                 seed: int, *, warmup: bool, desc: str) -> dict[str, list[int]]:  # fmt: skip
-    """All turns of all prompts; fills the row's figures, returns request id -> tokens."""
+                 seed: int, *, warmup: bool, desc: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:  # fmt: skip
+    """All turns of all prompts; fills the row's figures. Returns request id -> output
+    tokens and request id -> prompt tokens."""
     from tqdm import tqdm
 
     from vllm_coral.plugin.engine import timed_chat
@@ -174,6 +177,7 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_
 
     answers: dict[str, list[str]] = {p.id: [] for p in prompts}
     tokens: dict[str, list[int]] = {}
+    prompt_ids: dict[str, list[int]] = {}
     counters = SpecDecodeCounters()
     total = sum(len(p.turns) for p in prompts)
     with tqdm(total=total, desc=desc, unit="req", leave=False, dynamic_ncols=True) as bar:
@@ -184,9 +188,10 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_
             convs = [conversation(p, turn, answers[p.id]) for p in active]
             run = timed_chat(llm, convs, params, warmup=warmup and turn == 1, batch_size=batch_size,
                              on_chunk=bar.update)  # fmt: skip
-            for p, rid, ids_, text in zip(active, ids, run.token_ids, run.texts):
+            for p, rid, ids_, text, prompt in zip(active, ids, run.token_ids, run.texts, run.prompt_token_ids):
                 answers[p.id].append(text)
                 tokens[rid] = ids_
+                prompt_ids[rid] = prompt
             row.seconds += run.seconds
             row.output_tokens += run.num_output_tokens
             counters = counters + run.spec
@@ -197,7 +202,7 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_
         row.mean_acceptance_length = counters.mean_acceptance_length
         row.acceptance_per_position = counters.acceptance_per_position
         row.draft_acceptance_rate = counters.draft_acceptance_rate
-    return tokens
+    return tokens, prompt_ids
 
 
 def _sampling(sampling_cls, temperature: float, max_tokens: int, seed: int, request_id: str):

@@ -338,8 +338,11 @@ def plot_serve(rows: list[dict], path: Path) -> bool:
             sp = [(r["concurrency"], r["speedup"]) for r in rs if r.get("speedup") is not None]
             row_axes[1].plot([c for c, _ in sp], [s for _, s in sp], marker="o", label=label)
             row_axes[2].plot(cs, [r["ttft_ms"].get("p50", float("nan")) for r in rs], marker="o", label=label)
+        levels = sorted({r["concurrency"] for r in ok if r["dataset"] == d})
         for ax, ylabel in zip(row_axes, ("output tokens/s", "speedup vs target alone", "TTFT p50 (ms)")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
+            ax.minorticks_off()
             ax.set_xlabel("concurrency")
             ax.set_ylabel(ylabel)
             ax.set_title(d)

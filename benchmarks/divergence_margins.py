@@ -1,0 +1,97 @@
+"""Replay the T=0 divergences a benchmark run found: how close was the target's choice?
+
+For every mismatch recorded by the correctness guard (``bench_offline.json``), rebuild the
+context where the two outputs part (the request's prompt tokens + the target-alone output
+before that position), run the target once with transformers in float32, and report the
+two best next tokens and their logit gap, and where the speculative run's token ranks.
+
+A gap that is tiny compared with the rounding error of the run's dtype means the
+divergence is floating point (verifying k+1 positions in one forward sums in another
+order than decoding one token at a time), not a bug: the speculative run picked the
+runner-up of a near-tie. A large gap would be a real bug.
+
+    .venv/bin/python benchmarks/divergence_margins.py RUN_DIR/bench_offline.json --out RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_outputs  # noqa: E402
+
+
+def margins(run: dict, model_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    cases = []
+    for row in run["rows"]:
+        for m in (row.get("guard") or {}).get("mismatches", []):
+            if m.get("context_token_ids") is None or m["expected"] is None or m["got"] is None:
+                continue
+            ctx = m["context_token_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([ctx])).logits[0, -1].float()
+            top = torch.topk(logits, 2)
+            cases.append({
+                "dataset": row["dataset"], "method": row["method"], "request": m["request"],
+                "position": m["position"], "expected": m["expected"], "got": m["got"],
+                "top1": int(top.indices[0]), "top2": int(top.indices[1]),
+                "gap_top1_top2": float(top.values[0] - top.values[1]),
+                "gap_expected_got": float(logits[m["expected"]] - logits[m["got"]]),
+                "got_rank": int((logits > logits[m["got"]]).sum()),
+            })  # fmt: skip
+    return {"dtype": run["config"].get("dtype"), "cases": cases}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"Run dtype: {result['dtype']}; logits replayed in float32 with transformers.\n",
+             "| dataset | method | request | position | target token | spec token | top-1 − top-2 logit gap "
+             "| expected − got gap | spec token rank |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in result["cases"]:
+        lines.append(f"| {c['dataset']} | {c['method']} | {c['request']} | {c['position']} | {c['expected']} | {c['got']} "
+                     f"| {c['gap_top1_top2']:.4f} | {c['gap_expected_got']:.4f} | {c['got_rank']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    gaps = [abs(c["gap_expected_got"]) for c in result["cases"]]
+    ax.hist(gaps, bins=20, color="tab:red")
+    ax.set_xlabel("|logit(target token) − logit(spec token)| at the divergence (fp32)")
+    ax.set_ylabel("divergences")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="bench_offline.json")
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    from vllm_coral.models.targets import fetch_target
+
+    run = json.loads(args.run.read_text())
+    result = margins(run, fetch_target(args.target))
+    if not result["cases"]:
+        print("no T=0 mismatches with replayable context in this run")
+        return 0
+    write_outputs(args.out, "divergence_margins", result, to_markdown, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
