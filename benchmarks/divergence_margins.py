@@ -79,13 +79,14 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="bench_offline.json")
-    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--target", default="smollm2-135m", help="embedded target name or model folder")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from vllm_coral.models.targets import fetch_target
+    from vllm_coral.models.targets import TARGETS, fetch_target
 
     run = json.loads(args.run.read_text())
-    result = margins(run, fetch_target(args.target))
+    model_dir = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    result = margins(run, model_dir)
     if not result["cases"]:
         print("no T=0 mismatches with replayable context in this run")
         return 0

@@ -7,7 +7,8 @@
 #   benchmarks/reference.sh [OUT]        # default OUT=benchmarks/results/reference-smollm2
 #
 # Sizes are set for a 2-core CPU (about 75 min offline + 15 min served); scale them with
-# MT_BENCH=80 GSM8K=100 HUMANEVAL=164 SERVE_PROMPTS=16 MAX_TOKENS=128.
+# MT_BENCH=80 GSM8K=100 HUMANEVAL=164 MAX_TOKENS=128 SERVE_PROMPTS=16 SERVE_MAX_TOKENS=64.
+# SKIP_OFFLINE=1 / SKIP_SERVE=1 leave a part out (the report merges what is there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-benchmarks/results/reference-smollm2}"
@@ -32,6 +33,8 @@ if [[ "${SKIP_SERVE:-0}" != 1 ]]; then
     # vllm serve at concurrency 1, 4, 16 on the first MT-bench questions (both turns), T=0.
     $CLI bench serve --methods benchmarks/configs/smollm2-135m.json \
         --questions "mt_bench=$Q/mt_bench.jsonl" --num-prompts "${SERVE_PROMPTS:-16}" \
-        --concurrency 1 4 16 --max-tokens "$MAX_TOKENS" --out "$OUT/serve" || true
+        --concurrency 1 4 16 --max-tokens "${SERVE_MAX_TOKENS:-64}" --out "$OUT/serve" || true
 fi
-$CLI bench report "$OUT"/offline "$OUT"/serve --out "$OUT"
+RUNS=()
+for part in offline serve; do [[ -f "$OUT/$part/bench_$part.json" ]] && RUNS+=("$OUT/$part"); done
+$CLI bench report "${RUNS[@]}" --out "$OUT"

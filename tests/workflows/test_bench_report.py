@@ -20,6 +20,7 @@ def _offline_rows(dataset="mt_bench"):
                        seconds=5.0, tokens_per_second=80.0, speedup=0.8, mean_acceptance_length=1.5,
                        acceptance_per_position=[0.35, 0.1, 0.05], draft_acceptance_rate=0.1667,
                        guard={"compared": 4, "identical": 4, "mismatches": []})  # fmt: skip
+    eagle.output_tokens, eagle.spec_counters = 100, {"num_drafts": 60, "num_accepted_tokens": 25}
     hot = OfflineRow(dataset, "EAGLE", "eagle", 1.0, "probabilistic", 3, {"method": "eagle"}, requests=4,
                      output_tokens=380, seconds=5.0, tokens_per_second=76.0, speedup=0.8, mean_acceptance_length=1.3,
                      acceptance_per_position=[0.2, 0.07, 0.03], draft_acceptance_rate=0.1)  # fmt: skip
@@ -54,6 +55,8 @@ def test_write_run_and_merge(tmp_path):
     assert "error: vLLM engine failed: boom" in md
     assert "| EAGLE | 0.80x · τ 1.50 · 4/4 |" in md  # headline, T=0
     assert "| EAGLE (probabilistic) | 0.80x · τ 1.30 |" in md  # headline, T=1 names the sampling mode
+    # Step cost: 100 tokens, 25 accepted -> 75 steps, 60 drafted (80%), τ_all 4/3, 0.8x -> 1.67.
+    assert "| mt_bench | EAGLE | 80% | 1.33 | 0.80x | 1.67 |" in md
     for name in ("tau.png", "acceptance.png", "speedup.png"):
         assert (tmp_path / "a" / name).read_bytes().startswith(PNG)
     assert (tmp_path / "b" / "serve.png").read_bytes().startswith(PNG)

@@ -29,12 +29,14 @@ __all__ = [
     "format_headline",
     "format_offline",
     "format_serve",
+    "format_step_cost",
     "load_runs",
     "plot_acceptance",
     "plot_serve",
     "plot_speedup",
     "plot_tau",
     "run_metadata",
+    "step_cost",
     "write_report",
     "write_run",
 ]
@@ -134,6 +136,9 @@ def write_report(runs: list[dict], out: Path, *, summary_name: str = "summary.md
         for name, fn in (("tau.png", plot_tau), ("acceptance.png", plot_acceptance), ("speedup.png", plot_speedup)):
             if fn(offline, out / name):
                 written.append(out / name)
+        cost = format_step_cost(offline)
+        if cost:
+            text += ["\n## Where the time goes (T=0)\n", cost]
         mism = _mismatch_lines(offline)
         if mism:
             text += ["\n## T=0 outputs that differ from the target alone\n", mism]
@@ -209,6 +214,39 @@ def format_headline(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def step_cost(r: dict) -> dict | None:
+    """Per-request decode steps of a speculative row, from its counters and output tokens.
+
+    Every step of a request emits 1 + (drafts accepted) tokens, so steps = tokens -
+    accepted, τ over all steps = tokens / steps (steps without a draft count, unlike τ),
+    and a step costs ``τ_all / speedup`` target-alone steps: the τ the method needs to
+    break even. Worked example: 100 tokens, 25 accepted, 60 drafts -> 75 steps, 80% of
+    them drafted, τ_all 1.33; at 0.67x a step costs 2.0 target steps.
+    """
+    c = r.get("spec_counters")
+    if not c or r.get("error") or not r.get("speedup") or r["kind"] == "none":
+        return None
+    steps = r["output_tokens"] - c["num_accepted_tokens"]
+    if steps <= 0:
+        return None
+    tau_all = r["output_tokens"] / steps
+    return {"steps": steps, "drafted": c["num_drafts"] / steps, "tau_all": tau_all, "cost": tau_all / r["speedup"]}
+
+
+def format_step_cost(rows: list[dict]) -> str:
+    lines = []
+    for r in sorted((r for r in rows if r["temperature"] == 0.0), key=lambda r: r["dataset"]):
+        sc = step_cost(r)
+        if sc:
+            lines.append(f"| {r['dataset']} | {r['method']} | {sc['drafted']:.0%} | {sc['tau_all']:.2f} "
+                         f"| {r['speedup']:.2f}x | {sc['cost']:.2f} |")  # fmt: skip
+    if not lines:
+        return ""
+    head = ("| dataset | method | steps with a draft | τ over all steps | speedup | step cost in target steps "
+            "(= τ to break even) |\n|---|---|---|---|---|---|")  # fmt: skip
+    return head + "\n" + "\n".join(lines) + "\n"
+
+
 def format_serve(rows: list[dict]) -> str:
     header = ("| dataset | method | draft sampling | conc. | req/s | tok/s | speedup | TTFT p50/p90/p99 ms "
               "| ITL p50/p90/p99 ms | TPOT p50 ms | τ |")  # fmt: skip
@@ -257,9 +295,10 @@ def _grouped_bars(rows: list[dict], value: str, path: Path, ylabel: str, ref_lin
     plt = _plt()
     temps = sorted({r["temperature"] for r in ok})
     datasets = list(dict.fromkeys(r["dataset"] for r in ok))
-    width = max(6.0, 0.9 * len({_label(r) for r in ok}) * max(1, len(datasets)) / 2)
-    fig, axes = plt.subplots(1, len(temps), figsize=(width * len(temps), 4.8), squeeze=False)
-    for ax, t in zip(axes[0], temps):
+    most = max(len({_label(r) for r in ok if r["temperature"] == t}) for t in temps)
+    width = max(7.0, 0.35 * most * (len(datasets) + 1))
+    fig, axes = plt.subplots(len(temps), 1, figsize=(width, 3.8 * len(temps)), squeeze=False)
+    for ax, t in zip(axes[:, 0], temps):
         at_t = [r for r in ok if r["temperature"] == t]
         labels = list(dict.fromkeys(_label(r) for r in at_t))
         bar_w = 0.8 / len(datasets)
