@@ -29,10 +29,12 @@ from common import write_outputs  # noqa: E402
 def margins(run: dict, model_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cases = []
     for row in run["rows"]:
-        for m in (row.get("guard") or {}).get("mismatches", []):
+        mismatches = (row.get("guard") or {}).get("mismatches", [])
+        differed = {m["request"] for m in mismatches}
+        for m in mismatches:
             if m.get("context_token_ids") is None or m["expected"] is None or m["got"] is None:
                 continue
             ctx = m["context_token_ids"]
@@ -46,17 +48,34 @@ def margins(run: dict, model_dir: Path) -> dict:
                 "gap_top1_top2": float(top.values[0] - top.values[1]),
                 "gap_expected_got": float(logits[m["expected"]] - logits[m["got"]]),
                 "got_rank": int((logits > logits[m["got"]]).sum()),
+                "inherited": _earlier_turn(m["request"]) in differed,
             })  # fmt: skip
     return {"dtype": run["config"].get("dtype"), "cases": cases}
 
 
+def _earlier_turn(request: str) -> str:
+    """'81/turn2' -> '81/turn1': a later turn's prompt holds the run's own earlier answer,
+    so once an earlier turn differed, the replay context (the target's) is not the one
+    the speculative run saw."""
+    qid, _, turn = request.rpartition("/turn")
+    return f"{qid}/turn{int(turn) - 1}" if turn.isdigit() else ""
+
+
 def to_markdown(result: dict) -> str:
-    lines = [f"Run dtype: {result['dtype']}; logits replayed in float32 with transformers.\n",
+    first = [c for c in result["cases"] if not c["inherited"]]
+    lines = [f"Run dtype: {result['dtype']}; logits replayed in float32 with transformers. "
+             f"{len(first)} first divergences (the others follow a divergence in an earlier turn of the same "
+             "conversation, so their replay context is not what the speculative run saw)"
+             + (f"; largest |expected − got| logit gap among them: {max(abs(c['gap_expected_got']) for c in first):.4f}; "
+                f"the speculative token is the fp32 argmax in {sum(c['got_rank'] == 0 for c in first)}."
+                if first else ".") + "\n",
              "| dataset | method | request | position | target token | spec token | top-1 − top-2 logit gap "
-             "| expected − got gap | spec token rank |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| expected − got gap | spec token rank | after an earlier divergence |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in result["cases"]:
         lines.append(f"| {c['dataset']} | {c['method']} | {c['request']} | {c['position']} | {c['expected']} | {c['got']} "
-                     f"| {c['gap_top1_top2']:.4f} | {c['gap_expected_got']:.4f} | {c['got_rank']} |")  # fmt: skip
+                     f"| {c['gap_top1_top2']:.4f} | {c['gap_expected_got']:.4f} | {c['got_rank']} "
+                     f"| {'yes' if c['inherited'] else 'no'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -67,8 +86,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    gaps = [abs(c["gap_expected_got"]) for c in result["cases"]]
-    ax.hist(gaps, bins=20, color="tab:red")
+    for inherited, color, label in ((False, "tab:red", "first divergence"), (True, "tab:grey", "after an earlier one")):
+        gaps = [abs(c["gap_expected_got"]) for c in result["cases"] if c["inherited"] == inherited]
+        if gaps:
+            ax.hist(gaps, bins=20, color=color, alpha=0.8, label=label)
+    ax.legend(fontsize=8)
     ax.set_xlabel("|logit(target token) − logit(spec token)| at the divergence (fp32)")
     ax.set_ylabel("divergences")
     fig.tight_layout()

@@ -23,7 +23,7 @@ def test_replays_a_planted_near_tie(target_path, tmp_path):
     tok = AutoTokenizer.from_pretrained(target_path)
     ctx = tok.apply_chat_template([{"role": "user", "content": "Name a color."}], add_generation_prompt=True,
                                   return_dict=True)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(target_path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([ctx])).logits[0, -1]
     top = torch.topk(logits, 2)
@@ -40,6 +40,6 @@ def test_replays_a_planted_near_tie(target_path, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     [case] = json.loads((tmp_path / "divergence_margins.json").read_text())["cases"]
-    assert case["got_rank"] == 1 and case["top1"] == mismatch["expected"]
+    assert case["got_rank"] == 1 and case["top1"] == mismatch["expected"] and not case["inherited"]
     assert abs(case["gap_expected_got"] - float(top.values[0] - top.values[1])) < 1e-4
     assert (tmp_path / "divergence_margins.png").read_bytes()[:4] == b"\x89PNG"
