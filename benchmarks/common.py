@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from vllm_coral.workflows.bench.report import cpu_name, now_utc
+from vllm_coral.workflows.bench.report import git_sha as _git_sha
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,16 +33,6 @@ def time_us(fn, device: str, reps: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -50,14 +40,7 @@ def device_name(device: str) -> str:
 
 
 def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return _git_sha(mark_dirty=False)
 
 
 def write_outputs(out: Path, stem: str, result: dict, to_markdown, plot) -> None:

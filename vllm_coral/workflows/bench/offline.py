@@ -36,7 +36,7 @@ from vllm_coral.workflows.bench.methods import BenchError, MethodSpec
 from vllm_coral.workflows.bench.questions import conversation
 from vllm_coral.workflows.bench.server import one_line
 
-__all__ = ["OfflineRow", "engine_plan", "run_offline"]
+__all__ = ["OfflineRow", "engine_plan", "fill_speedups", "request_seed", "run_offline", "set_acceptance"]
 
 
 @dataclass
@@ -162,7 +162,7 @@ def run_offline(
             log(f"    {label}: {error}")
             done = {(r.dataset, r.temperature) for r in rows if r.method == spec.name and r.draft_sample_method == mode}
             rows += [new_row(d, t, error=error) for t in temps for d in datasets if (d, t) not in done]
-    _fill_speedups(rows)
+    fill_speedups(rows, key=lambda r: (r.dataset, r.temperature))
     return rows
 
 
@@ -198,10 +198,7 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_
     row.requests = len(tokens)
     row.tokens_per_second = row.output_tokens / row.seconds if row.seconds else 0.0
     if row.speculative_config is not None:
-        row.spec_counters = counters.to_dict()
-        row.mean_acceptance_length = counters.mean_acceptance_length
-        row.acceptance_per_position = counters.acceptance_per_position
-        row.draft_acceptance_rate = counters.draft_acceptance_rate
+        set_acceptance(row, counters)
     return tokens, prompt_ids
 
 
@@ -216,11 +213,21 @@ def request_seed(seed: int, request_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(request_id.encode())) % (2**31)
 
 
-def _fill_speedups(rows: list[OfflineRow]) -> None:
-    base = {(r.dataset, r.temperature): r.tokens_per_second for r in rows
+def set_acceptance(row, counters) -> None:
+    """A row's acceptance figures (offline or served) from its vLLM spec-decode counters."""
+    row.spec_counters = counters.to_dict()
+    row.mean_acceptance_length = counters.mean_acceptance_length
+    row.acceptance_per_position = counters.acceptance_per_position
+    row.draft_acceptance_rate = counters.draft_acceptance_rate
+
+
+def fill_speedups(rows: list, key) -> None:
+    """Each row's tokens/s over the target alone's at the same ``key(row)``; None where
+    either failed. Offline the key is (dataset, T), served (dataset, concurrency)."""
+    base = {key(r): r.tokens_per_second for r in rows
             if r.kind == "none" and r.error is None and r.tokens_per_second > 0}  # fmt: skip
     for r in rows:
-        b = base.get((r.dataset, r.temperature))
+        b = base.get(key(r))
         r.speedup = r.tokens_per_second / b if b and r.error is None else None
 
 

@@ -26,11 +26,15 @@ from collections import defaultdict
 from pathlib import Path
 
 __all__ = [
+    "cpu_name",
+    "device_description",
     "format_headline",
     "format_offline",
     "format_serve",
     "format_step_cost",
+    "git_sha",
     "load_runs",
+    "now_utc",
     "plot_acceptance",
     "plot_serve",
     "plot_speedup",
@@ -54,8 +58,8 @@ def run_metadata(argv: list[str] | None = None) -> dict:
         except md.PackageNotFoundError:
             pass
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
+        "date": now_utc(),
+        "git_sha": git_sha(),
         "versions": versions,
         "device": device_description(),
         "python": platform.python_version(),
@@ -63,24 +67,32 @@ def run_metadata(argv: list[str] | None = None) -> dict:
     }
 
 
-def device_description() -> str:
-    name = platform.processor() or platform.machine()
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (else what platform knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
+                return line.partition(":")[2].strip()
     except OSError:
         pass
-    return f"CPU: {name}, {os.cpu_count()} cores ({platform.system()} {platform.release()})"
+    return platform.processor() or platform.machine()
 
 
-def _git_sha() -> str:
+def device_description() -> str:
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores ({platform.system()} {platform.release()})"
+
+
+def git_sha(*, mark_dirty: bool = True) -> str:
+    """Short HEAD sha of this checkout, with ``+dirty`` when tracked files have changes."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = mark_dirty and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
+                                              capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha or "unknown") + ("+dirty" if dirty else "")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from vllm_coral.training.data import Prompt
 from vllm_coral.workflows.bench.methods import MethodSpec
-from vllm_coral.workflows.bench.offline import request_seed
+from vllm_coral.workflows.bench.offline import engine_plan, fill_speedups, request_seed, set_acceptance
 from vllm_coral.workflows.bench.questions import conversation
 
 __all__ = ["RequestTiming", "ServeRow", "percentiles", "run_level", "run_serve", "summarize_level"]
@@ -188,7 +188,6 @@ def run_serve(
     from tqdm import tqdm
 
     from vllm_coral.plugin.metrics import SpecDecodeCounters
-    from vllm_coral.workflows.bench.offline import engine_plan
     from vllm_coral.workflows.bench.server import ServerError, one_line, served
 
     plan = engine_plan(specs, [temperature], list(draft_sample_methods))
@@ -230,11 +229,7 @@ def run_serve(
                         after = SpecDecodeCounters.from_prometheus_text(requests.get(f"{base}/metrics", timeout=30).text)
                         summarize_level(row, timings, seconds)
                         if config is not None:
-                            counters = after - before
-                            row.spec_counters = counters.to_dict()
-                            row.mean_acceptance_length = counters.mean_acceptance_length
-                            row.acceptance_per_position = counters.acceptance_per_position
-                            row.draft_acceptance_rate = counters.draft_acceptance_rate
+                            set_acceptance(row, after - before)
                         rows.append(row)
                         done.add((dataset, c))
                         log(f"    {dataset} c={c}: {row.requests_per_second:.2f} req/s, {row.tokens_per_second:.1f} tok/s, "
@@ -246,9 +241,5 @@ def run_serve(
             if spec.method == "none":
                 raise ServerError(f"the target alone failed, nothing to compare with: {error}") from e
             rows += [new_row(d, c, error=error) for d, c in wanted if (d, c) not in done]
-    base_tps = {(r.dataset, r.concurrency): r.tokens_per_second for r in rows
-                if r.kind == "none" and r.error is None and r.tokens_per_second > 0}  # fmt: skip
-    for r in rows:
-        b = base_tps.get((r.dataset, r.concurrency))
-        r.speedup = r.tokens_per_second / b if b and r.error is None else None
+    fill_speedups(rows, key=lambda r: (r.dataset, r.concurrency))
     return rows
