@@ -29,10 +29,12 @@ from pathlib import Path
 
 from vllm_coral.models.checkpoint import read_config
 from vllm_coral.models.targets import fetch_target
-from vllm_coral.training.data import Prompt
-from vllm_coral.workflows.bench.methods import resolve_methods
+from vllm_coral.plugin.engine import quiet_vllm_logs
+from vllm_coral.prompts import Prompt
+from vllm_coral.workflows.bench.methods import drafter_entry, resolve_methods
 from vllm_coral.workflows.bench.offline import OfflineRow, run_offline
 from vllm_coral.workflows.bench.report import run_metadata, write_run
+from vllm_coral.workflows.install import pip_install
 
 __all__ = ["DEFAULT_PROMPTS", "committed_drafters", "format_table", "run_demo"]
 
@@ -48,7 +50,8 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
 def committed_drafters(target: str) -> dict[str, Path]:
-    """name -> checkpoint folder of the drafters trained for ``target`` that ship here."""
+    """row label (the folder name) -> checkpoint folder of the drafters trained for ``target``
+    that ship here; what each one is comes from its config.json (``drafter_entry``)."""
     folder = CHECKPOINTS / target
     if not folder.is_dir():
         return {}
@@ -65,14 +68,14 @@ def run_demo(
     out: Path | None = None,
 ) -> list[OfflineRow]:
     """The demo's rows: one vLLM engine per method, all prompts in one batch, T=0."""
-    model = fetch_target(target)
+    quiet_vllm_logs()
+    model = fetch_target(target, installer=pip_install)
     print(f"target: {model}", file=sys.stderr)
     entries = [
         {"name": "target", "method": "none"},
         {"name": "draft_model (self)", "method": "draft_model", "model": str(model)},
     ]
-    for name, ckpt in committed_drafters(target).items():
-        entries.append({"name": name, "method": name, "checkpoint": str(ckpt)})
+    entries += [drafter_entry(name, ckpt) for name, ckpt in committed_drafters(target).items()]
     specs = resolve_methods(entries, target_config=read_config(model), default_k=num_speculative_tokens)
     if prompts is None:
         prompts = [Prompt(id=f"demo/{i}", turns=(p,)) for i, p in enumerate(DEFAULT_PROMPTS)]

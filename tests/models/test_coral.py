@@ -14,16 +14,22 @@ from vllm_coral.models.checkpoint import CheckpointError
 from vllm_coral.models.coral import (
     CoralConfig,
     CoralDrafter,
-    coral_tensor_shapes,
+    coral_tensor_specs,
     routed_logits,
     routed_top_tokens,
     select_groups,
 )
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
+from vllm_coral.models.registry import load_drafter, save_drafter
 from vllm_coral.models.vocab_groups import partition_vocab
 
 TINY = EagleConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                    head_dim=8, vocab_size=103)  # fmt: skip  # 103 = prime: ragged last group
+
+
+def _save(model, path):
+    family = "coral" if isinstance(model, CoralDrafter) else "eagle"
+    return save_drafter(model, path, family=family, recipe="coral-router" if family == "coral" else "eagle")
 
 
 def _coral(strategy="kmeans", n=8, k=2, seed=0) -> CoralDrafter:
@@ -63,16 +69,17 @@ def test_routed_logits_equal_dense_restricted_to_chosen_groups(strategy, n, k):
 
 def test_checkpoint_round_trip(tmp_path):
     model = _coral()
-    model.save(tmp_path / "c", extra={"note": "x"})
+    _save(model, tmp_path / "c")
     hf = json.loads((tmp_path / "c" / "config.json").read_text())
     assert hf["architectures"] == ["EagleCoralLlamaForCausalLM"]
-    assert hf["vllm_coral"]["coral"]["num_groups"] == 8
-    back = CoralDrafter.load(tmp_path / "c", target_config={"hidden_size": 32, "vocab_size": 103})
+    assert hf["vllm_coral"]["config"] == {"num_groups": 8, "top_k": 2, "partition": "kmeans"}
+    back, ckpt = load_drafter(tmp_path / "c", {"hidden_size": 32, "vocab_size": 103})
+    assert ckpt.family.name == "coral" and ckpt.recipe == "coral-router" and ckpt.config == model.config
     assert torch.equal(back.partition.row_to_token, model.partition.row_to_token)
-    for (name, a), b in zip(model.state_tensors().items(), back.state_tensors().values()):
+    for (name, a), b in zip(model.checkpoint_tensors().items(), back.checkpoint_tensors().values()):
         assert torch.equal(a, b), name
     tensors = load_file(str(tmp_path / "c" / "model.safetensors"))
-    assert {k: tuple(v.shape) for k, v in tensors.items()} == coral_tensor_shapes(model.config)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == coral_tensor_specs(model.config)
 
 
 def _tamper(path, fn):
@@ -88,7 +95,7 @@ def _tamper(path, fn):
         (lambda t: t.__setitem__("vocab_groups.row_to_token", torch.zeros(103, dtype=torch.int64)),
          "bad group map vocab_groups.row_to_token .*not a permutation"),
         (lambda t: t.__setitem__("vocab_groups.row_to_token", torch.arange(103, dtype=torch.int32)),
-         "must be int64"),
+         "row_to_token is I32, expected I64"),
         (lambda t: t.__setitem__("router.w2.weight", torch.zeros(16, 32)), r"router.w2.weight has shape \[16, 32\]"),
         (lambda t: t.pop("router.w1.weight"), "missing tensor.*router.w1.weight"),
         (lambda t: t.pop("vocab_groups.row_to_token"), "missing tensor.*row_to_token"),
@@ -96,30 +103,34 @@ def _tamper(path, fn):
     ],
 )  # fmt: skip
 def test_mismatched_group_map_or_router_is_refused_in_one_line(tmp_path, edit, message):
-    _coral().save(tmp_path / "c")
+    _save(_coral(), tmp_path / "c")
     _tamper(tmp_path / "c", edit)
     with pytest.raises(CheckpointError, match=message) as e:
-        CoralDrafter.load(tmp_path / "c")
+        load_drafter(tmp_path / "c")
     assert "\n" not in str(e.value)
 
 
 def test_config_disagreeing_with_tensors_is_refused(tmp_path):
-    _coral(n=8).save(tmp_path / "c")
+    _save(_coral(n=8), tmp_path / "c")
     cfg_file = tmp_path / "c" / "config.json"
     hf = json.loads(cfg_file.read_text())
-    hf["vllm_coral"]["coral"]["num_groups"] = 4  # router still has 8 outputs
+    hf["vllm_coral"]["config"]["num_groups"] = 4  # router still has 8 outputs
     cfg_file.write_text(json.dumps(hf))
     with pytest.raises(CheckpointError, match=r"router.w2.weight has shape \[8, 32\], expected \[4, 32\]"):
-        CoralDrafter.load(tmp_path / "c")
+        load_drafter(tmp_path / "c")
 
 
 def test_wrong_target_and_wrong_family_are_refused(tmp_path):
-    _coral().save(tmp_path / "c")
+    _save(_coral(), tmp_path / "c")
     with pytest.raises(CheckpointError, match="vocab_size=103 does not match the target's vocab_size=49152"):
-        CoralDrafter.load(tmp_path / "c", target_config={"hidden_size": 32, "vocab_size": 49152})
-    EagleDrafter(TINY).save(tmp_path / "e")
-    with pytest.raises(CheckpointError, match="not a CORAL drafter"):
-        CoralDrafter.load(tmp_path / "e")
+        load_drafter(tmp_path / "c", {"hidden_size": 32, "vocab_size": 49152})
+    # an EAGLE checkpoint relabelled as CORAL: the architecture no longer matches the family
+    _save(EagleDrafter(TINY), tmp_path / "e")
+    hf = json.loads((tmp_path / "e" / "config.json").read_text())
+    hf["vllm_coral"]["family"] = "coral"
+    (tmp_path / "e" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="do not match family 'coral'"):
+        load_drafter(tmp_path / "e")
 
 
 def test_config_validation():

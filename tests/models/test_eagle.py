@@ -1,15 +1,12 @@
-"""EAGLE drafter: numerics against transformers' Llama layer, checkpoint round trip, and
-one-line errors for every kind of bad checkpoint."""
+"""EAGLE drafter: numerics against transformers' Llama layer, its config and weight map.
+Checkpoint round trips and bad checkpoints: tests/models/test_registry.py."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from vllm_coral.models.checkpoint import CheckpointError
-from vllm_coral.models.eagle import EagleConfig, EagleDrafter, eagle_tensor_shapes
+from vllm_coral.models.eagle import EagleConfig, EagleDrafter, eagle_tensor_specs
 from vllm_coral.models.target import TargetHead
 
 TINY_TARGET = {
@@ -76,75 +73,21 @@ def test_forward_shapes_and_causality():
     assert not torch.allclose(out[:, -1], out2[:, -1])
 
 
-def test_checkpoint_round_trip_is_exact(tmp_path):
-    model = _drafter()
-    model.save(tmp_path / "ckpt", extra={"target": "tiny"})
-    hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert hf["architectures"] == ["EagleLlamaForCausalLM"] and hf["num_hidden_layers"] == 1
-    assert hf["vllm_coral"]["target"] == "tiny"
-    loaded = EagleDrafter.load(tmp_path / "ckpt", target_config=TINY_TARGET)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, loaded.state_dict()[name]), name
-    x = torch.randn(1, 4, 64)
-    torch.testing.assert_close(model(x, x, torch.arange(4)), loaded(x, x, torch.arange(4)), atol=0, rtol=0)
-
-
-def _edit_tensors(path, edit):
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(path / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(path / "model.safetensors"))
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda t: t.pop("fc.weight"), "missing tensor(s) fc.weight"),
-        (lambda t: t.update(extra=torch.zeros(1)), "unexpected tensor(s) extra"),
-        (lambda t: t.update({"fc.weight": torch.zeros(64, 64)}), "fc.weight has shape [64, 64], expected [64, 128]"),
-    ],
-)
-def test_bad_tensors_are_refused_in_one_line(tmp_path, edit, message):
-    _drafter().save(tmp_path)
-    _edit_tensors(tmp_path, edit)
-    with pytest.raises(CheckpointError) as exc:
-        EagleDrafter.load(tmp_path)
-    assert message in str(exc.value) and "\n" not in str(exc.value)
-
-
-def test_truncated_weights_are_refused(tmp_path):
-    _drafter().save(tmp_path)
-    data = (tmp_path / "model.safetensors").read_bytes()
-    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="unreadable safetensors"):
-        EagleDrafter.load(tmp_path)
-
-
-def test_wrong_target_is_refused(tmp_path):
-    _drafter().save(tmp_path)
-    with pytest.raises(CheckpointError, match="hidden_size=64 does not match the target's hidden_size=576"):
-        EagleDrafter.load(tmp_path, target_config={"hidden_size": 576, "vocab_size": 300})
-
-
-def test_not_a_checkpoint_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        EagleDrafter.load(tmp_path)
-    (tmp_path / "config.json").write_text("{")
-    with pytest.raises(CheckpointError, match="invalid JSON"):
-        EagleDrafter.load(tmp_path)
-
-
 def test_config_validation():
     with pytest.raises(ValueError, match="not a multiple"):
         EagleConfig.from_target({**TINY_TARGET, "num_key_value_heads": 3})
-    with pytest.raises(ValueError, match="unknown EagleConfig field"):
-        EagleConfig.from_dict({**EagleConfig.from_target(TINY_TARGET).to_dict(), "bogus": 1})
+    hf, fields = EagleConfig.from_target(TINY_TARGET).to_checkpoint()
+    assert EagleConfig.from_checkpoint(hf, fields) == EagleConfig.from_target(TINY_TARGET)
+    with pytest.raises(ValueError, match="unknown EAGLE field"):
+        EagleConfig.from_checkpoint(hf, {"bogus": 1})
+    with pytest.raises(ValueError, match="exactly 1"):
+        EagleConfig.from_checkpoint({**hf, "num_hidden_layers": 2}, {})
 
 
 def test_tensor_map_matches_module(tmp_path):
     model = _drafter()
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == eagle_tensor_shapes(model.config)
+    specs = eagle_tensor_specs(model.config)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()} == specs
 
 
 def test_target_head_of_the_real_target(target_path):

@@ -46,7 +46,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 def test_locate_finds_gguf_without_importing_the_package(fake_package):
     pkg, spec = fake_package
-    assert targets.locate_gguf(spec, install=False) == pkg / "model.gguf"
+    assert targets.locate_gguf(spec) == pkg / "model.gguf"
     assert spec.module not in sys.modules
 
 
@@ -56,7 +56,7 @@ def test_corrupted_gguf_is_refused(fake_package, tmp_path):
         f.seek(10)
         f.write(b"\xff")
     with pytest.raises(TargetModelError) as exc:
-        fetch_target("fake", home=tmp_path / "home", install=False, progress=False)
+        fetch_target("fake", home=tmp_path / "home", progress=False)
     msg = _one_line(exc)
     assert "sha256" in msg and "model.gguf" in msg and "--force-reinstall" in msg
     assert not (tmp_path / "home" / "models" / "fake").exists()
@@ -66,7 +66,7 @@ def test_missing_gguf_is_refused(fake_package, tmp_path):
     pkg, _ = fake_package
     (pkg / "model.gguf").unlink()
     with pytest.raises(TargetModelError) as exc:
-        fetch_target("fake", home=tmp_path / "home", install=False, progress=False)
+        fetch_target("fake", home=tmp_path / "home", progress=False)
     assert "model.gguf is missing" in _one_line(exc)
 
 
@@ -74,7 +74,7 @@ def test_missing_package_is_refused_without_install(monkeypatch, tmp_path):
     spec = replace(SMOL, name="absent", module="vllm_coral_no_such_package_xyz")
     monkeypatch.setitem(targets.TARGETS, "absent", spec)
     with pytest.raises(TargetModelError) as exc:
-        fetch_target("absent", home=tmp_path, install=False, progress=False)
+        fetch_target("absent", home=tmp_path, progress=False)
     assert "is not installed" in _one_line(exc)
 
 

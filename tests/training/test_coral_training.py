@@ -10,35 +10,43 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vllm_coral.models.coral import CoralDrafter, routed_top_tokens, select_groups
-from vllm_coral.models.eagle import EagleDrafter
+from vllm_coral.models.coral import routed_top_tokens, select_groups
+from vllm_coral.models.eagle import EagleConfig, EagleDrafter
+from vllm_coral.models.registry import load_drafter, validate_drafter
 from vllm_coral.models.target import TargetHead
-from vllm_coral.training.router import RouterTrainConfig, train_router
-from vllm_coral.training.trainer import TrainConfig, _step_losses, train
+from vllm_coral.training.dataset import FeatureDataset
+from vllm_coral.training.loop import LoopConfig, run
+from vllm_coral.training.router import ROUTER, RouterConfig, router_inputs
+from vllm_coral.training.unrolled import CORAL, CSRA, EAGLE, HASS
+
+ROUTER_LOOP = LoopConfig(**ROUTER.loop_defaults)
+
+
+def train_router(target, drafter, features, out, cfg: RouterConfig, loop: LoopConfig, *, heldout_features=None,
+                 resume=False):  # fmt: skip
+    cfg = replace(cfg, drafter=str(drafter), heldout_features=None if heldout_features is None else str(heldout_features))
+    return run(ROUTER, cfg, loop, target, features, out, resume=resume, progress=False)
 
 
 def test_coral_preset_is_hass_plus_csra():
-    coral, hass = TrainConfig.for_method("coral"), TrainConfig.for_method("hass")
-    assert (coral.unroll, coral.topk_weight) == (hass.unroll, hass.topk_weight)
-    assert (coral.csra_weight, coral.csra_temperature) == (0.1, 0.1) and hass.csra_weight == 0.0
+    coral, hass = CORAL.preset, HASS.preset
+    assert replace(coral, csra=None) == hass and coral.csra == CSRA(weight=0.1, temperature=0.1)
+    assert hass.unroll == 3 and hass.topk.k == 10 and EAGLE.preset.topk is None
     with pytest.raises(ValueError, match="needs unroll >= 2"):
-        TrainConfig.for_method("eagle", csra_weight=0.1)
+        replace(EAGLE.preset, csra=CSRA())
 
 
 def test_csra_term_changes_the_gradient(target_path, tiny_features):
     """Same batch, same weights: the CORAL loss = HASS loss + 0.1 * csra, and its gradient differs."""
-    from vllm_coral.models.eagle import EagleConfig
-    from vllm_coral.training.trainer import _collate, load_sequences
-
     head = TargetHead.load(target_path)
-    seqs = load_sequences(tiny_features, 64, head.hidden_size)
-    ids, mask, feats = _collate(seqs, [0, 1], "cpu")
-    noise = torch.zeros(ids.shape[0], ids.shape[1] - 1, feats.shape[-1])
+    data = FeatureDataset(tiny_features, 64, head.hidden_size)
     grads, totals = {}, {}
-    for method in ("hass", "coral"):
+    for recipe in (HASS, CORAL):
+        method = recipe.name
         torch.manual_seed(0)
         drafter = EagleDrafter(EagleConfig.from_target(head.config))
-        total, terms = _step_losses(TrainConfig.for_method(method), drafter, head, ids, mask, feats, noise)
+        batch = data.collate([0, 1], torch.Generator().manual_seed(0))
+        total, terms = recipe.loss(replace(recipe.preset, noise_std=0.0), drafter, head, batch)
         total.backward()
         grads[method] = drafter.fc.weight.grad.clone()
         totals[method] = (total.item(), terms)
@@ -51,29 +59,30 @@ def test_csra_term_changes_the_gradient(target_path, tiny_features):
 
 @pytest.mark.slow
 def test_train_coral_writes_a_drafter(target_path, tiny_features, tmp_path):
-    cfg = TrainConfig.for_method("coral", max_steps=3, batch_tokens=256, save_every=3, warmup_steps=1, epochs=2)
-    summary = train(target_path, tiny_features, tmp_path / "run", cfg, progress=False)
+    loop = LoopConfig(max_steps=3, batch_tokens=256, save_every=3, warmup_steps=1, epochs=2)
+    summary = run(CORAL, CORAL.preset, loop, target_path, tiny_features, tmp_path / "run", progress=False)
     assert summary["steps"] == 3 and "loss/csra" in summary["last"]
-    EagleDrafter.load(tmp_path / "run" / "drafter", target_config=TargetHead.load(target_path).config)
+    ckpt = validate_drafter(tmp_path / "run" / "drafter", TargetHead.load(target_path).config)
+    assert (ckpt.family.name, ckpt.recipe) == ("eagle", "coral")
 
 
 @pytest.fixture(scope="module")
 def small_drafter(target_path, tiny_features, tmp_path_factory):
     out = tmp_path_factory.mktemp("coral_drafter")
-    cfg = TrainConfig.for_method("coral", max_steps=4, batch_tokens=256, save_every=4, warmup_steps=1, epochs=2)
-    train(target_path, tiny_features, out, cfg, progress=False)
+    loop = LoopConfig(max_steps=4, batch_tokens=256, save_every=4, warmup_steps=1, epochs=2)
+    run(CORAL, CORAL.preset, loop, target_path, tiny_features, out, progress=False)
     return out / "drafter"
 
 
 @pytest.mark.slow
 def test_router_training_learns_and_metrics_are_true(target_path, tiny_features, small_drafter, tmp_path):
-    cfg = RouterTrainConfig(partitions=("frequency", "kmeans"), num_groups=(8,), top_k=(1, 2), epochs=8,
-                            batch_tokens=512, lr=5e-3, warmup_steps=1, save_every=100)  # fmt: skip
+    cfg = RouterConfig(partitions=("frequency", "kmeans"), num_groups=(8,), top_k=(1, 2))
+    loop = replace(ROUTER_LOOP, epochs=8, batch_tokens=512, lr=5e-3, warmup_steps=1, save_every=100)
     # "held-out" = the training features: this checks fitting, not generalisation
-    untrained = train_router(target_path, small_drafter, tiny_features, tmp_path / "r0", replace(cfg, max_steps=0),
-                             heldout_features=tiny_features, progress=False)  # fmt: skip
-    trained = train_router(target_path, small_drafter, tiny_features, tmp_path / "r", cfg,
-                           heldout_features=tiny_features, progress=False)  # fmt: skip
+    untrained = train_router(target_path, small_drafter, tiny_features, tmp_path / "r0", cfg, replace(loop, max_steps=0),
+                             heldout_features=tiny_features)  # fmt: skip
+    trained = train_router(target_path, small_drafter, tiny_features, tmp_path / "r", cfg, loop,
+                           heldout_features=tiny_features)  # fmt: skip
     for key in ("frequency-n8-k1", "kmeans-n8-k2"):
         assert trained["heldout"][key]["mass"] > untrained["heldout"][key]["mass"] + 0.05, key
     for key, m in trained["heldout"].items():
@@ -84,14 +93,10 @@ def test_router_training_learns_and_metrics_are_true(target_path, tiny_features,
 
     # draft_top1 = how often the routed greedy draft equals the dense one: recompute it directly
     head = TargetHead.load(target_path)
-    coral = CoralDrafter.load(tmp_path / "r" / "kmeans-n8-k1", target_config=head.config)
-    from vllm_coral.training.router import _router_batches
-    from vllm_coral.training.trainer import _collate, load_sequences
-
-    seqs = load_sequences(tiny_features, 1024, head.hidden_size)
-    ids, mask, feats = _collate(seqs, list(range(len(seqs))), "cpu")
+    coral, _ = load_drafter(tmp_path / "r" / "kmeans-n8-k1", head.config)
+    data = FeatureDataset(tiny_features, 1024, head.hidden_size)
     with torch.no_grad():
-        h, _, _ = _router_batches(coral.body, head, ids, mask, feats, 3)
+        h, _, _ = router_inputs(coral.body, head, data.collate(list(range(len(data))), torch.Generator()), 3)
         part = coral.partition
         routed = routed_top_tokens(h, part.grouped_weight(head.lm_head), select_groups(coral.router(h), 1),
                                    part.group_size, part.row_to_token)  # fmt: skip
@@ -105,25 +110,26 @@ def test_router_resume_is_bit_identical(target_path, tiny_features, small_drafte
 
     torch.set_num_threads(1)
     try:
-        cfg = RouterTrainConfig(num_groups=(4,), top_k=(1,), epochs=4, batch_tokens=256, save_every=2, warmup_steps=1,
-                                max_steps=6)  # fmt: skip
-        train_router(target_path, small_drafter, tiny_features, tmp_path / "full", cfg, progress=False)
-        part = replace(cfg, max_steps=2)
-        train_router(target_path, small_drafter, tiny_features, tmp_path / "cut", part, progress=False)
+        cfg = RouterConfig(num_groups=(4,), top_k=(1,))
+        loop = replace(ROUTER_LOOP, epochs=4, batch_tokens=256, save_every=2, warmup_steps=1, max_steps=6)
+        train_router(target_path, small_drafter, tiny_features, tmp_path / "full", cfg, loop)
+        train_router(target_path, small_drafter, tiny_features, tmp_path / "cut", cfg, replace(loop, max_steps=2))
         # simulate the cut run being restarted with the full config
-        state = tmp_path / "cut" / "router_state.json"
+        state = tmp_path / "cut" / "trainer_state.json"
         import json
 
         meta = json.loads(state.read_text())
-        meta["config"]["max_steps"] = 6
+        meta["loop"]["max_steps"] = 6
         state.write_text(json.dumps(meta))
         with pytest.raises(ValueError, match="pass --resume"):
-            train_router(target_path, small_drafter, tiny_features, tmp_path / "cut", cfg, progress=False)
-        summary = train_router(target_path, small_drafter, tiny_features, tmp_path / "cut", cfg, resume=True,
-                               progress=False)  # fmt: skip
+            train_router(target_path, small_drafter, tiny_features, tmp_path / "cut", cfg, loop)
+        with pytest.raises(ValueError, match="different recipe_config"):
+            train_router(target_path, small_drafter, tiny_features, tmp_path / "cut", replace(cfg, unroll=2), loop,
+                         resume=True)  # fmt: skip
+        summary = train_router(target_path, small_drafter, tiny_features, tmp_path / "cut", cfg, loop, resume=True)
         assert summary["start_step"] == 2
-        a = load_file(str(tmp_path / "full" / "router_state.safetensors"))
-        b = load_file(str(tmp_path / "cut" / "router_state.safetensors"))
+        a = load_file(str(tmp_path / "full" / "trainer_state.safetensors"))
+        b = load_file(str(tmp_path / "cut" / "trainer_state.safetensors"))
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
@@ -144,7 +150,7 @@ def test_train_coral_router_cli(target_path, tiny_features, small_drafter, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"drafter: {tmp_path / 'r' / 'frequency-n4-k1'}" in proc.stdout
     assert "frequency-n4-k1: held-out mass" in proc.stdout
-    CoralDrafter.load(tmp_path / "r" / "frequency-n4-k1")
+    assert validate_drafter(tmp_path / "r" / "frequency-n4-k1").family.name == "coral"
     bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--num-groups", "4", "--top-k", "4"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "vllm-coral: error: every top_k must be in [1, N)" in bad.stderr

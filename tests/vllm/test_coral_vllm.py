@@ -26,7 +26,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from vllm_coral.demo import committed_drafters  # noqa: E402
-from vllm_coral.workflows.bench.methods import drafter_spec  # noqa: E402
+from vllm_coral.models.registry import load_drafter, validate_drafter  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
 
@@ -44,7 +44,7 @@ def test_coral_greedy_is_token_identical(local_argmax, target_path, target_greed
 
     from vllm_coral.plugin.engine import engine_kwargs, open_llm, timed_chat
 
-    spec = drafter_spec(CORAL, 3)
+    spec = validate_drafter(CORAL).speculative_config(3)
     spec["use_local_argmax_reduction"] = local_argmax
     with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=spec)) as llm:
         run = timed_chat(llm, CONVERSATIONS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
@@ -87,14 +87,14 @@ def test_coral_sampling_matches_target_distribution(target_path, tmp_path):
     ckpt = tmp_path / "coral-k1"
     shutil.copytree(CORAL, ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["vllm_coral"]["coral"]["top_k"] = 1  # q far from p: one group of N
+    cfg["vllm_coral"]["config"]["top_k"] = 1  # q far from p: one group of N
     (ckpt / "config.json").write_text(json.dumps(cfg))
 
     prompt, n = "Say one word that describes the weather today.", 800
     with open_llm(**engine_kwargs(target_path, dtype="float32")) as llm:
         target = _sample(llm, prompt, n, 1.0)
         colder = _sample(llm, prompt, n, 0.7)
-    spec = drafter_spec(ckpt, 3, draft_sample_method="probabilistic")
+    spec = {**validate_drafter(ckpt).speculative_config(3), "draft_sample_method": "probabilistic"}
     with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=spec)) as llm:
         before = SpecDecodeCounters.from_metrics(llm.get_metrics())
         coral = _sample(llm, prompt, n, 1.0)
@@ -131,8 +131,9 @@ if __name__ == "__main__":
     assert proc.returncode != 0
     logs = proc.stdout + proc.stderr  # vLLM logs the worker's root cause
     assert "CheckpointError: CORAL drafter" in logs and "bad group map vocab_groups.row_to_token" in logs
-    # and our own pre-flight check says the same in one line, before any engine starts
+    # the header-only pre-flight check cannot see tensor values; loading the tensors does
     from vllm_coral.models.checkpoint import CheckpointError
 
+    validate_drafter(ckpt)
     with pytest.raises(CheckpointError, match="not a permutation"):
-        drafter_spec(ckpt, 3)
+        load_drafter(ckpt)

@@ -17,6 +17,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter  # noqa: E402
+from vllm_coral.models.registry import save_drafter  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
 
@@ -28,7 +29,8 @@ def test_plain_vllm_serves_our_eagle_checkpoint_losslessly(target_path, target_g
 
     target_config = json.loads((target_path / "config.json").read_text())
     torch.manual_seed(0)
-    ckpt = EagleDrafter(EagleConfig.from_target(target_config)).save(tmp_path / "eagle-random")
+    ckpt = save_drafter(EagleDrafter(EagleConfig.from_target(target_config)), tmp_path / "eagle-random",
+                        family="eagle", recipe="eagle")
 
     # Plain vLLM: the engine and worker processes load no vllm-coral plugin at all.
     monkeypatch.setenv("VLLM_PLUGINS", "none")

@@ -24,6 +24,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter  # noqa: E402
+from vllm_coral.models.registry import save_drafter  # noqa: E402
 from vllm_coral.training.features import extract_features, iter_shards  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write one sentence about rivers."]
@@ -36,7 +37,8 @@ def test_features_match_vllm_drafter_inputs(target_path, tmp_path, monkeypatch):
     from vllm_coral.plugin.engine import engine_kwargs, open_llm
 
     target_config = json.loads((target_path / "config.json").read_text())
-    ckpt = EagleDrafter(EagleConfig.from_target(target_config)).save(tmp_path / "recorder")
+    ckpt = save_drafter(EagleDrafter(EagleConfig.from_target(target_config)), tmp_path / "recorder",
+                        family="eagle", recipe="eagle")
     hf = json.loads((ckpt / "config.json").read_text())
     hf["architectures"] = ["EagleRecorderLlamaForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(hf))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vllm_coral.training.data import Prompt
+from vllm_coral.prompts import Prompt
 from vllm_coral.workflows.bench.questions import SHARED_DATA, conversation, load_questions, write_dataset
 
 

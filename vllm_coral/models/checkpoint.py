@@ -22,10 +22,14 @@ from safetensors.torch import save_file
 
 __all__ = [
     "CheckpointError",
+    "TensorSpecs",
     "check_tensors",
     "load_checkpoint",
+    "portable_path",
     "read_config",
+    "read_tensor_header",
     "save_checkpoint",
+    "tensor_header",
 ]
 
 CONFIG_FILE = "config.json"
@@ -36,35 +40,56 @@ class CheckpointError(ValueError):
     """A drafter checkpoint is unusable; the message is one line naming the problem."""
 
 
-def check_tensors(
-    where: str,
-    tensors: Mapping[str, torch.Tensor | tuple[int, ...]],
-    expected: Mapping[str, tuple[int, ...]],
-) -> None:
-    """Exactly the expected names, each with the expected shape."""
-    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in tensors.items()}
-    missing = sorted(set(expected) - set(shapes))
+# torch dtype -> the name a safetensors header gives it.
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+              torch.int32: "I32", torch.uint8: "U8"}  # fmt: skip
+
+# name -> (shape, dtype): what a checkpoint must hold.
+TensorSpecs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def portable_path(path: str | Path) -> str:
+    """A path fit for metadata that other machines read: relative to the working directory
+    when it lies under it, else only its last two parts (never an absolute machine path)."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(*path.parts[-2:]))
+
+
+def check_tensors(where: str, found: Mapping[str, tuple[tuple[int, ...], str]], expected: TensorSpecs) -> None:
+    """Exactly the expected names, each with the expected shape and dtype (``found``: name ->
+    (shape, safetensors dtype name))."""
+    missing = sorted(set(expected) - set(found))
     if missing:
         raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing)}")
-    unexpected = sorted(set(shapes) - set(expected))
+    unexpected = sorted(set(found) - set(expected))
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unexpected)}")
-    for name, shape in expected.items():
-        if shapes[name] != tuple(shape):
-            raise CheckpointError(f"{where}: tensor {name} has shape {list(shapes[name])}, expected {list(shape)}")
+    for name, (shape, dtype) in expected.items():
+        got_shape, got_dtype = found[name]
+        if tuple(got_shape) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {name} has shape {list(got_shape)}, expected {list(shape)}")
+        if got_dtype != _ST_DTYPES[dtype]:
+            raise CheckpointError(f"{where}: tensor {name} is {got_dtype}, expected {_ST_DTYPES[dtype]}")
 
 
-def save_checkpoint(
-    directory: str | Path,
-    hf_config: Mapping,
-    tensors: Mapping[str, torch.Tensor],
-    expected: Mapping[str, tuple[int, ...]],
-) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` after checking the tensor set."""
+def tensor_header(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype name) of in-memory tensors (what check_tensors reads)."""
+    return {k: (tuple(v.shape), _ST_DTYPES.get(v.dtype, str(v.dtype))) for k, v in tensors.items()}
+
+
+def save_checkpoint(directory: str | Path, hf_config: Mapping, tensors: Mapping[str, torch.Tensor],
+                    expected: TensorSpecs) -> Path:  # fmt: skip
+    """Write ``config.json`` and ``model.safetensors`` (tensors cast to their expected dtype)."""
     directory = Path(directory)
-    check_tensors(str(directory), tensors, expected)
+    cast = {k: v.detach().to(expected[k][1]) if k in expected else v for k, v in tensors.items()}
+    check_tensors(str(directory), tensor_header(cast), expected)
     directory.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    contiguous = {k: v.contiguous().cpu() for k, v in cast.items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(contiguous, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS_FILE)
@@ -82,19 +107,30 @@ def read_config(directory: str | Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def load_checkpoint(
-    directory: str | Path, expected: Mapping[str, tuple[int, ...]]
-) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, after checking names and shapes against ``expected``."""
+def _open(directory: str | Path):
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            check_tensors(str(path), shapes, expected)
-            return {name: f.get_tensor(name) for name in shapes}
-    except CheckpointError:
-        raise
+        return path, safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own errors on truncated or bad headers
+        raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_tensor_header(directory: str | Path, expected: TensorSpecs) -> None:
+    """Check names, shapes and dtypes from the safetensors header alone (no tensor is read)."""
+    path, f = _open(directory)
+    with f:
+        found = {n: (tuple(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype()) for n in f.keys()}
+    check_tensors(str(path), found, expected)
+
+
+def load_checkpoint(directory: str | Path, expected: TensorSpecs) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, after checking names, shapes and dtypes against ``expected``."""
+    read_tensor_header(directory, expected)
+    path, f = _open(directory)
+    try:
+        with f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None

@@ -15,32 +15,34 @@ logits is exact speculative decoding: the drafter's proposal q is the softmax ov
 selected rows (zero elsewhere), and that is what vLLM's rejection sampler receives.
 
 Checkpoint = the EAGLE tensors + ``router.*`` + ``vocab_groups.row_to_token`` [V] int64
-(``coral_tensor_shapes`` is the one weight-name map). The group-contiguous head itself is
+(``coral_tensor_specs`` is the one weight-name map). The group-contiguous head itself is
 *not* stored: it is the target's LM head permuted once at load time, so a checkpoint stays
 drafter-sized (the head alone would be 113 MB for SmolLM2 in fp32).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_coral.models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-from vllm_coral.models.eagle import EagleConfig, EagleDrafter, check_same_target, eagle_tensor_shapes
+from vllm_coral.models.checkpoint import CheckpointError
+from vllm_coral.models.eagle import EagleConfig, EagleDrafter, eagle_tensor_specs
+from vllm_coral.models.registry import DrafterFamily, ServeSpec
 from vllm_coral.models.vocab_groups import STRATEGIES, VocabPartition
 
 __all__ = [
     "ARCHITECTURE",
+    "FAMILY",
     "CoralConfig",
     "CoralDrafter",
     "Router",
     "check_row_to_token",
-    "coral_tensor_shapes",
-    "read_coral_config",
+    "coral_tensor_specs",
     "routed_logits",
     "routed_top_tokens",
     "select_groups",
@@ -52,6 +54,7 @@ ROW_TO_TOKEN = "vocab_groups.row_to_token"
 
 @dataclass(frozen=True)
 class CoralConfig:
+    TARGET_FIELDS: ClassVar[tuple[str, ...]] = EagleConfig.TARGET_FIELDS
     # The drafter body (hidden size, heads, vocabulary, ...).
     eagle: EagleConfig
     # Number of vocabulary groups N.
@@ -74,47 +77,42 @@ class CoralConfig:
     def group_size(self) -> int:
         return -(-self.eagle.vocab_size // self.num_groups)
 
-    def to_dict(self) -> dict:
-        return {"eagle": self.eagle.to_dict(), "num_groups": self.num_groups, "top_k": self.top_k,
-                "partition": self.partition}  # fmt: skip
+    @property
+    def torch_dtype(self) -> str:
+        return self.eagle.torch_dtype
+
+    def to_checkpoint(self) -> tuple[dict, dict]:
+        """(the body's Llama fields, {num_groups, top_k, partition})."""
+        hf, _ = self.eagle.to_checkpoint()
+        return hf, {"num_groups": self.num_groups, "top_k": self.top_k, "partition": self.partition}
 
     @classmethod
-    def from_dict(cls, d: dict) -> CoralConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_checkpoint(cls, hf: Mapping, fields: Mapping) -> CoralConfig:
+        unknown = sorted(set(fields) - {"num_groups", "top_k", "partition"})
         if unknown:
-            raise ValueError(f"unknown CoralConfig field(s): {', '.join(unknown)}")
-        return cls(**{**d, "eagle": EagleConfig.from_dict(d["eagle"])})
+            raise ValueError(f"unknown CORAL field(s) {', '.join(unknown)}")
+        return cls(eagle=EagleConfig.from_checkpoint(hf, {}), **fields)
 
-    def to_hf_config(self, extra: dict | None = None) -> dict:
-        hf = self.eagle.to_hf_config()
-        hf["architectures"] = [ARCHITECTURE]
-        hf["vllm_coral"] = {"family": "coral", "config": self.eagle.to_dict(), "coral": self.to_dict(),
-                            **(extra or {})}  # fmt: skip
-        return hf
+    @classmethod
+    def from_target(cls, target_config: Mapping, **overrides) -> CoralConfig:
+        groups = {k: overrides.pop(k) for k in ("num_groups", "top_k", "partition") if k in overrides}
+        return cls(eagle=EagleConfig.from_target(dict(target_config), **overrides),
+                   **{"num_groups": 16, "top_k": 2, "partition": "frequency", **groups})  # fmt: skip
+
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return coral_tensor_specs(self)
 
 
-def coral_tensor_shapes(c: CoralConfig) -> dict[str, tuple[int, ...]]:
+def coral_tensor_specs(c: CoralConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The one weight-name map: EAGLE tensors + router + the partition's row map."""
-    H = c.eagle.hidden_size
+    H, dtype = c.eagle.hidden_size, c.eagle.dtype
     return {
-        **eagle_tensor_shapes(c.eagle),
-        "router.w1.weight": (H, H),
-        "router.w2.weight": (c.num_groups, H),
-        "router.w2.bias": (c.num_groups,),
-        ROW_TO_TOKEN: (c.eagle.vocab_size,),
+        **eagle_tensor_specs(c.eagle),
+        "router.w1.weight": ((H, H), dtype),
+        "router.w2.weight": ((c.num_groups, H), dtype),
+        "router.w2.bias": ((c.num_groups,), dtype),
+        ROW_TO_TOKEN: ((c.eagle.vocab_size,), torch.int64),
     }
-
-
-def read_coral_config(hf_config: dict, where: str) -> CoralConfig:
-    """CoralConfig from a checkpoint's config.json dict; one-line CheckpointError if not CORAL."""
-    meta = hf_config.get("vllm_coral") or {}
-    if meta.get("family") != "coral" or "coral" not in meta:
-        raise CheckpointError(f"{where}: not a CORAL drafter (vllm_coral.family={meta.get('family')!r})")
-    try:
-        return CoralConfig.from_dict(meta["coral"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{where}: bad CORAL config ({e})") from None
 
 
 class Router(nn.Module):
@@ -169,8 +167,11 @@ def routed_top_tokens(
 class CoralDrafter(nn.Module):
     """EagleDrafter + Router + VocabPartition; the training-side twin of the vLLM class."""
 
-    def __init__(self, config: CoralConfig, partition: VocabPartition, body: EagleDrafter | None = None) -> None:
+    def __init__(self, config: CoralConfig, partition: VocabPartition | None = None,
+                 body: EagleDrafter | None = None) -> None:  # fmt: skip
         super().__init__()
+        if partition is None:  # identity until a checkpoint's group map is loaded
+            partition = VocabPartition(torch.arange(config.eagle.vocab_size), config.num_groups, config.partition)
         if partition.num_groups != config.num_groups or partition.vocab_size != config.eagle.vocab_size:
             raise ValueError(
                 f"partition ({partition.num_groups} groups over V={partition.vocab_size}) does not match the "
@@ -181,30 +182,17 @@ class CoralDrafter(nn.Module):
         self.body = body if body is not None else EagleDrafter(config.eagle)
         self.router = Router(config.eagle.hidden_size, config.num_groups)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.body.state_dict())
         tensors.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
         tensors[ROW_TO_TOKEN] = self.partition.row_to_token
         return tensors
 
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        dtype = getattr(torch, self.config.eagle.torch_dtype)
-        tensors = {k: (v if k == ROW_TO_TOKEN else v.to(dtype)) for k, v in self.state_tensors().items()}
-        return save_checkpoint(directory, self.config.to_hf_config(extra), tensors, coral_tensor_shapes(self.config))
-
-    @classmethod
-    def load(cls, directory: str | Path, *, target_config: dict | None = None) -> CoralDrafter:
-        """Load and validate; with ``target_config``, refuse one trained for another target."""
-        where = str(directory)
-        config = read_coral_config(read_config(directory), where)
-        if target_config is not None:
-            check_same_target(where, config.eagle, target_config)
-        tensors = load_checkpoint(directory, coral_tensor_shapes(config))
-        partition = check_row_to_token(tensors.pop(ROW_TO_TOKEN), config, where)
-        model = cls(config, partition)
-        model.body.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("router.")})
-        model.router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
-        return model
+    def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        self.partition = check_row_to_token(tensors.pop(ROW_TO_TOKEN), self.config, "CORAL checkpoint")
+        self.body.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("router.")})
+        self.router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
 
     @classmethod
     def from_eagle(cls, body: EagleDrafter, partition: VocabPartition, top_k: int) -> CoralDrafter:
@@ -221,3 +209,15 @@ def check_row_to_token(row_to_token: torch.Tensor, config: CoralConfig, where: s
     except ValueError as e:
         raise CheckpointError(f"{where}: bad group map {ROW_TO_TOKEN} ({e})") from None
 
+
+
+FAMILY = DrafterFamily(
+    name="coral",
+    config_cls=CoralConfig,
+    model_cls=CoralDrafter,
+    serve=ServeSpec(method="eagle", architecture=ARCHITECTURE,
+                    vllm_class="vllm_coral.plugin.coral:EagleCoralLlamaForCausalLM",
+                    speculative_config={"use_local_argmax_reduction": True}),
+    recipes={"coral-router": "vllm_coral.training.router:ROUTER"},
+    description="CORAL: an EAGLE body plus an LM-head router over vocabulary groups (plugin architecture)",
+)

@@ -14,28 +14,35 @@ training passes them in frozen (``vllm_coral.models.target.TargetHead``).
 
 The checkpoint is exactly what vLLM's built-in ``"method": "eagle"`` loads
 (``EagleLlamaForCausalLM``): ``fc.weight`` [H, 2H] and ``layers.0.*`` without
-``input_layernorm``, with a Llama ``config.json`` of one layer. ``EagleDrafter.TENSORS``
-is the one weight-name map; saving and loading both check against it.
+``input_layernorm``, with a Llama ``config.json`` of one layer. ``eagle_tensor_specs`` is
+the one weight-name map; saving and loading both check against it (``models.registry``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from vllm_coral.models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from vllm_coral.models.llama_layer import LlamaDecoderLayer, LlamaLayerShape, rope_cos_sin
+from vllm_coral.models.registry import DrafterFamily, ServeSpec
 
-__all__ = ["EagleConfig", "EagleDrafter", "check_same_target", "eagle_tensor_shapes"]
+__all__ = ["FAMILY", "EagleConfig", "EagleDrafter", "eagle_tensor_specs"]
 
 ARCHITECTURE = "EagleLlamaForCausalLM"
+# The Llama fields of config.json that vLLM reads and EagleConfig mirrors one to one.
+_HF_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "torch_dtype")  # fmt: skip
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class EagleConfig:
+    # Config fields that must equal the target's.
+    TARGET_FIELDS: ClassVar[tuple[str, ...]] = ("hidden_size", "vocab_size")
     # Model width; must equal the target's hidden size.
     hidden_size: int
     # MLP width of the drafter layer (the target's by default).
@@ -94,46 +101,42 @@ class EagleConfig:
         values.update(overrides)
         return cls(**values)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.torch_dtype]
+
+    def to_checkpoint(self) -> tuple[dict, dict]:
+        """(config.json fields vLLM's Llama EAGLE loader reads, family fields: none)."""
+        hf = {name: getattr(self, name) for name in _HF_FIELDS}
+        hf.update(model_type="llama", num_hidden_layers=1, hidden_act="silu", attention_bias=False,
+                  mlp_bias=False, tie_word_embeddings=False)  # fmt: skip
+        return hf, {}
 
     @classmethod
-    def from_dict(cls, d: dict) -> EagleConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown EagleConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+    def from_checkpoint(cls, hf: Mapping, fields: Mapping) -> EagleConfig:
+        """Rebuilt from the top-level fields vLLM reads (the one source of truth)."""
+        if fields:
+            raise ValueError(f"unknown EAGLE field(s) {', '.join(sorted(fields))}")
+        if hf.get("num_hidden_layers", 1) != 1:
+            raise ValueError(f"num_hidden_layers={hf['num_hidden_layers']}, an EAGLE drafter has exactly 1")
+        hf = dict(hf)
+        dtype = hf.get("torch_dtype", hf.get("dtype"))  # transformers 5 calls it "dtype"
+        if dtype is not None:
+            hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        missing = [name for name in _HF_FIELDS if name not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        return cls(**{name: hf[name] for name in _HF_FIELDS})
 
-    def to_hf_config(self, extra: dict | None = None) -> dict:
-        """The ``config.json`` vLLM's EAGLE loader reads (Llama fields, one layer)."""
-        return {
-            "architectures": [ARCHITECTURE],
-            "model_type": "llama",
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "num_hidden_layers": 1,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "tie_word_embeddings": False,
-            "torch_dtype": self.torch_dtype,
-            "vllm_coral": {"family": "eagle", "config": self.to_dict(), **(extra or {})},
-        }
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return eagle_tensor_specs(self)
 
 
-def eagle_tensor_shapes(c: EagleConfig) -> dict[str, tuple[int, ...]]:
-    """The one weight-name map: checkpoint tensor name -> shape."""
+def eagle_tensor_specs(c: EagleConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The one weight-name map: checkpoint tensor name -> (shape, dtype)."""
     H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
     q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
-    return {
+    shapes = {
         "fc.weight": (H, 2 * H),
         "layers.0.self_attn.q_proj.weight": (q, H),
         "layers.0.self_attn.k_proj.weight": (kv, H),
@@ -144,14 +147,7 @@ def eagle_tensor_shapes(c: EagleConfig) -> dict[str, tuple[int, ...]]:
         "layers.0.mlp.up_proj.weight": (I, H),
         "layers.0.mlp.down_proj.weight": (H, I),
     }
-
-
-def check_same_target(where: str, config: EagleConfig, target_config: dict) -> None:
-    """One-line CheckpointError when a drafter was built for another target (hidden size, vocabulary)."""
-    for key in ("hidden_size", "vocab_size"):
-        mine = getattr(config, key)
-        if mine != target_config[key]:
-            raise CheckpointError(f"{where}: drafter {key}={mine} does not match the target's {key}={target_config[key]}")
+    return {name: (shape, c.dtype) for name, shape in shapes.items()}
 
 
 class EagleDrafter(nn.Module):
@@ -187,23 +183,23 @@ class EagleDrafter(nn.Module):
         return self.layers[0](x, cos, sin, attn_mask, kv_inputs)
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """Write a checkpoint that plain vLLM serves with ``"method": "eagle"``."""
-        tensors = {k: v.to(getattr(torch, self.config.torch_dtype)) for k, v in self.state_dict().items()}
-        return save_checkpoint(
-            directory, self.config.to_hf_config(extra), tensors, eagle_tensor_shapes(self.config)
-        )
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors under the names of ``eagle_tensor_specs`` (vLLM's EAGLE names)."""
+        return dict(self.state_dict())
 
-    @classmethod
-    def load(cls, directory: str | Path, *, target_config: dict | None = None) -> EagleDrafter:
-        """Load a checkpoint; with ``target_config``, refuse one trained for another target."""
-        hf = read_config(directory)
-        meta = hf.get("vllm_coral", {})
-        if meta.get("family") != "eagle":
-            raise CheckpointError(f"{directory}: not an EAGLE drafter (vllm_coral.family={meta.get('family')!r})")
-        config = EagleConfig.from_dict(meta["config"])
-        if target_config is not None:
-            check_same_target(str(directory), config, target_config)
-        model = cls(config)
-        model.load_state_dict(load_checkpoint(directory, eagle_tensor_shapes(config)))
-        return model
+    def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.load_state_dict(dict(tensors))
+
+
+FAMILY = DrafterFamily(
+    name="eagle",
+    config_cls=EagleConfig,
+    model_cls=EagleDrafter,
+    serve=ServeSpec(method="eagle", architecture=ARCHITECTURE),
+    recipes={
+        "eagle": "vllm_coral.training.unrolled:EAGLE",
+        "hass": "vllm_coral.training.unrolled:HASS",
+        "coral": "vllm_coral.training.unrolled:CORAL",
+    },
+    description="EAGLE-1/2 feature drafter (fc + one Llama layer, the target's head), served by vLLM's eagle",
+)

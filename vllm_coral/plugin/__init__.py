@@ -5,7 +5,8 @@ model-registry inspection subprocess), so it must be cheap and idempotent. It
 
 1. on the CPU platform, sets laptop-friendly environment defaults (``cpu_defaults``) and
    applies the version-pinned CPU fixes (``patches``);
-2. registers vllm-coral's drafter architectures with ``ModelRegistry`` by
+2. registers the drafter architectures of every family in the drafter-family registry
+   (``vllm_coral.models.registry``: ``ServeSpec.vllm_class``) with ``ModelRegistry`` by
    ``"module:Class"`` string, so no model code is imported until vLLM needs it.
 
 Importing this package does not import vLLM; ``register()`` does.
@@ -15,16 +16,20 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["MODEL_ARCHITECTURES", "register"]
+__all__ = ["model_architectures", "register"]
 
 logger = logging.getLogger("vllm_coral")
 
-# architecture name in a checkpoint's config.json -> "module:Class" of its vLLM model.
-# Drafter families add themselves here as they land.
-MODEL_ARCHITECTURES: dict[str, str] = {
-    "EagleCoralLlamaForCausalLM": "vllm_coral.plugin.coral:EagleCoralLlamaForCausalLM",
-    "EagleRecorderLlamaForCausalLM": "vllm_coral.plugin.recorder:EagleRecorderLlamaForCausalLM",
-}
+# Not a drafter family: the feature-recording EAGLE drafter the feature-fidelity test serves.
+_TEST_ARCHITECTURES = {"EagleRecorderLlamaForCausalLM": "vllm_coral.plugin.recorder:EagleRecorderLlamaForCausalLM"}
+
+
+def model_architectures() -> dict[str, str]:
+    """Architecture name in a checkpoint's config.json -> "module:Class" of its vLLM model."""
+    from vllm_coral.models.registry import families
+
+    archs = {f.serve.architecture: f.serve.vllm_class for f in families().values() if f.serve.vllm_class}
+    return {**archs, **_TEST_ARCHITECTURES}
 
 _registered = False
 
@@ -48,7 +53,7 @@ def register() -> None:
             logger.info("vllm-coral: CPU defaults %s; patches %s", env_set, patched)
 
     supported = set(ModelRegistry.get_supported_archs())
-    for arch, qualname in MODEL_ARCHITECTURES.items():
+    for arch, qualname in model_architectures().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, qualname)
     _registered = True

@@ -18,7 +18,7 @@ none). On first use it is permuted once into group-contiguous order
 ranges (``vllm_coral.kernels.dispatch``: Triton on CUDA, the torch twin on CPU).
 
 Checkpoints come from ``vllm-coral train coral-router``; ``load_weights`` checks the
-tensor set against ``vllm_coral.models.coral.coral_tensor_shapes`` and the group map, and
+tensor set against ``vllm_coral.models.coral.coral_tensor_specs`` and the group map, and
 fails with one line (``CheckpointError``) on a mismatch. Serve with the ordinary EAGLE
 method: ``{"method": "eagle", "model": CKPT, "num_speculative_tokens": 3}``.
 """
@@ -29,32 +29,38 @@ from collections.abc import Iterable
 
 import torch
 from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
+from vllm.model_executor.models.utils import AutoWeightsLoader, process_eagle_weight
 
-from vllm_coral.models.checkpoint import CheckpointError, check_tensors
+from vllm_coral.models.checkpoint import CheckpointError, check_tensors, tensor_header
 from vllm_coral.models.coral import (
     ROW_TO_TOKEN,
     Router,
     check_row_to_token,
-    coral_tensor_shapes,
-    read_coral_config,
     routed_logits,
     routed_top_tokens,
     select_groups,
 )
-from vllm_coral.models.eagle import check_same_target
+from vllm_coral.models.registry import check_target, parse_drafter_config
 from vllm_coral.models.vocab_groups import VocabPartition
 
 __all__ = ["EagleCoralLlamaForCausalLM"]
+
+
+def _hf_dict(config) -> dict:
+    """The draft model's config.json as vLLM holds it (a transformers config object)."""
+    hf = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    hf.setdefault("vllm_coral", getattr(config, "vllm_coral", None))
+    return hf
 
 
 class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         where = f"CORAL drafter {vllm_config.speculative_config.draft_model_config.model}"
-        self.coral_config = read_coral_config({"vllm_coral": getattr(self.config, "vllm_coral", None)}, where)
+        _, _, self.coral_config, _ = parse_drafter_config(_hf_dict(self.config), where)
         eagle = self.coral_config.eagle
         mc = vllm_config.model_config  # the target being served
-        check_same_target(where, eagle, {"hidden_size": mc.get_hidden_size(), "vocab_size": mc.get_vocab_size()})
+        check_target(where, self.coral_config, {"hidden_size": mc.get_hidden_size(), "vocab_size": mc.get_vocab_size()})
         if vllm_config.parallel_config.tensor_parallel_size > 1:
             raise CheckpointError(f"{where}: the routed LM head does not support tensor parallelism yet")
         self._where = where
@@ -69,26 +75,25 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         self._grouped_weight: torch.Tensor | None = None
         self._grouped_source: int | None = None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        body, ours = [], {}
-        for name, tensor in weights:
-            if name.startswith("router.") or name == ROW_TO_TOKEN:
-                ours[name] = tensor
-            else:
-                body.append((name, tensor))
-        shapes = {name: tuple(t.shape) for name, t in body}
-        shapes.update({name: tuple(t.shape) for name, t in ours.items()})
-        check_tensors(self._where, shapes, coral_tensor_shapes(self.coral_config))
-        self._partition = check_row_to_token(ours[ROW_TO_TOKEN], self.coral_config, self._where)
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load the checkpoint; returns the parameter names now set, so vLLM's strict
+        "every parameter loaded" check stays on. The embedding and LM head count as
+        loaded: vLLM shares the target's with the drafter right after this call."""
+        weights = list(weights)
+        check_tensors(self._where, tensor_header(dict(weights)), self.coral_config.tensor_specs())
+        ours = {name: t for name, t in weights if name.startswith("router.") or name == ROW_TO_TOKEN}
+        self._partition = check_row_to_token(ours.pop(ROW_TO_TOKEN), self.coral_config, self._where)
         self.row_to_token.copy_(self._partition.row_to_token)
-        self.router.load_state_dict(
-            {name[len("router.") :]: t.to(self.router.w1.weight.dtype) for name, t in ours.items() if name != ROW_TO_TOKEN}
-        )
-        super().load_weights(body)
-        # Like the parent, return None: vLLM's strict "every parameter loaded" tracking would
-        # count the embedding and LM head, which are the target's and shared after loading.
-        # check_tensors above already refused missing or unexpected tensors.
-        return None
+        self.router.load_state_dict({name[len("router.") :]: t.to(self.router.w1.weight.dtype) for name, t in ours.items()})
+        body = [(name, t) for name, t in weights if not name.startswith("router.") and name != ROW_TO_TOKEN]
+        def renamed(name: str) -> str:  # as the parent's load_weights does
+            name = name if "lm_head" in name else "model." + name
+            process_eagle_weight(self, name)
+            return name
+
+        loaded = AutoWeightsLoader(self).load_weights((renamed(n), t) for n, t in body)
+        shared = {name for name, _ in self.named_parameters() if "embed_tokens" in name or name.startswith("lm_head")}
+        return set(loaded) | shared | {f"router.{name}" for name, _ in self.router.named_parameters()}
 
     def _grouped(self) -> torch.Tensor:
         weight = self.lm_head.weight

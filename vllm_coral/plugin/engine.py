@@ -21,10 +21,26 @@ from typing import Any
 
 from vllm_coral.plugin.metrics import SpecDecodeCounters
 
-__all__ = ["ChatRun", "engine_kwargs", "open_llm", "timed_chat"]
+__all__ = ["ChatRun", "engine_kwargs", "open_llm", "quiet_vllm_logs", "sampling_params", "timed_chat"]
 
 # A chat conversation in OpenAI message form: [{"role": "user", "content": "..."}, ...].
 Conversation = list[dict[str, str]]
+
+
+def quiet_vllm_logs() -> None:
+    """vLLM logs every engine start at INFO in every process (~60 lines per engine), which
+    drowns a benchmark's own table. Set before vLLM is imported, ``VLLM_LOGGING_LEVEL``
+    reaches the engine-core and worker processes too; a value the user set wins."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def sampling_params(**kwargs: Any) -> Any:
+    """``vllm.SamplingParams(**kwargs)``, so that callers above the plugin never import vLLM."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**kwargs)
 
 
 def engine_kwargs(

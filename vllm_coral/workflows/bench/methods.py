@@ -13,10 +13,13 @@ A methods file is JSON:
       ]
     }
 
-``method`` is one of :data:`METHODS`. ``eagle``, ``hass`` and ``coral`` take one of our
-drafter checkpoints (``checkpoint``), which is loaded and checked against the target, and
-whose recorded training method must match (a HASS checkpoint listed as ``eagle`` is an
-error: the row would be mislabelled). ``draft_model`` takes a ``model`` (an embedded
+``method`` is ``none``, ``ngram``, ``draft_model``, or the name of a drafter family or
+training recipe of the registry (``vllm_coral.models.registry``: ``eagle``, ``hass``,
+``coral``, ``coral-router``, ... see :func:`method_names`). Those take one of our drafter
+checkpoints (``checkpoint``), validated against the target from its config.json and
+safetensors header; the checkpoint's recorded family or recipe must be the row's method (a
+HASS checkpoint listed as ``eagle`` is an error: the row would be mislabelled), and the
+family says how vLLM serves it. ``draft_model`` takes a ``model`` (an embedded
 target name or a folder). ``ngram`` passes ``prompt_lookup_min``/``prompt_lookup_max``
 through. Any other key of vLLM's speculative config goes in ``"speculative_config": {...}``
 and is merged last. Relative paths are relative to the methods file.
@@ -36,22 +39,33 @@ from pathlib import Path
 from vllm_coral.models.targets import TargetModelError
 
 __all__ = [
+    "BUILTIN_METHODS",
     "BenchError",
     "DRAFT_SAMPLE_METHODS",
-    "METHODS",
     "MethodSpec",
-    "drafter_spec",
+    "drafter_entry",
     "load_methods_file",
+    "method_names",
     "parse_method",
     "resolve_methods",
 ]
 
-# The methods a row can name. fspad and the small-LM drafter join as their trainers land.
-METHODS = ("none", "ngram", "draft_model", "eagle", "hass", "coral")
+# Rows that need no checkpoint of ours; every other method names a registered family or recipe.
+BUILTIN_METHODS = ("none", "ngram", "draft_model")
 # vLLM's draft sampling modes (SpeculativeConfig.draft_sample_method).
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
-# Methods whose drafter has token probabilities, so the draft sampling mode applies.
-_HAS_DRAFT_PROBS = ("draft_model", "eagle", "hass", "coral")
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method a row can name: the built-ins, then the registry's families and recipes."""
+    from vllm_coral.models.registry import families
+
+    names = list(BUILTIN_METHODS)
+    for family in families().values():
+        for name in (family.name, *family.recipes):
+            if name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 class BenchError(RuntimeError):
@@ -77,7 +91,8 @@ class MethodSpec:
 
     @property
     def has_draft_probs(self) -> bool:
-        return self.method in _HAS_DRAFT_PROBS
+        """Whether the drafter has token probabilities, so the draft sampling mode applies."""
+        return self.method not in ("none", "ngram")
 
     def engine_config(self, draft_sample_method: str | None) -> dict | None:
         """The speculative config for one engine, with the draft sampling mode if it applies."""
@@ -162,8 +177,9 @@ def _resolve_one(entry: object, index: int, target_config: dict, default_k: int,
     method = entry.get("method")
     spec = MethodSpec(name=name, method=str(method), entry=dict(entry))
     try:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r} (expected one of: {', '.join(METHODS)})")
+        known = method_names()
+        if method not in known:
+            raise ValueError(f"unknown method {method!r} (expected one of: {', '.join(known)})")
         unknown = sorted(set(entry) - _KNOWN_KEYS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)} (vLLM options go in \"speculative_config\")")
@@ -201,49 +217,29 @@ def _speculative_config(entry: dict, method: str, k: int, target_config: dict, b
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"draft model {folder}: no config.json")
         return {"method": "draft_model", "model": str(folder), "num_speculative_tokens": k}
-    from vllm_coral.models.checkpoint import read_config
+    from vllm_coral.models.registry import validate_drafter
 
     ckpt = entry.get("checkpoint")
     if not isinstance(ckpt, str):
-        raise ValueError(f"{method} needs \"checkpoint\": a drafter folder written by `vllm-coral train {method}`")
+        raise ValueError(f"{method} needs \"checkpoint\": a drafter folder written by `vllm-coral train`")
     folder = _path(ckpt, base_dir)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {folder}: no config.json (train it with `vllm-coral train {method}`)")
-    meta = read_config(folder).get("vllm_coral") or {}
-    trained = "coral" if meta.get("family") == "coral" else meta.get("method", meta.get("family"))
-    if trained != method:
-        raise ValueError(f"checkpoint {folder} holds a {trained} drafter, not {method}")
-    return drafter_spec(folder, k, target_config=target_config)
+        raise FileNotFoundError(f"checkpoint {folder}: no config.json (train it with `vllm-coral train`)")
+    drafter = validate_drafter(folder, target_config)
+    # a row names the recipe, or the family where no recipe shares its name (CORAL's routed
+    # checkpoints: family "coral", recipe "coral-router"); "eagle" must be an EAGLE-trained one
+    by_family = method == drafter.family.name and method not in drafter.family.recipes
+    if method != drafter.recipe and not by_family:
+        raise ValueError(f"checkpoint {folder} holds a {drafter.recipe} drafter ({drafter.family.name} family), "
+                         f"not {method}")  # fmt: skip
+    return drafter.speculative_config(k)
 
 
-def drafter_spec(
-    path: str | Path,
-    num_speculative_tokens: int,
-    *,
-    target_config: dict | None = None,
-    draft_sample_method: str | None = None,
-) -> dict:
-    """vLLM's speculative config for one of our drafter checkpoints, after validating it.
+def drafter_entry(name: str, path: str | Path) -> dict:
+    """A method row for one of our checkpoints, its method read from the checkpoint (its recipe)."""
+    from vllm_coral.models.registry import read_drafter
 
-    The checkpoint is loaded by its family's loader first (EAGLE/HASS or CORAL), so a bad
-    one fails here with one line instead of deep inside a vLLM worker. CORAL checkpoints
-    also get ``use_local_argmax_reduction``: greedy drafting then takes the routed top-1
-    directly (``get_top_tokens``) instead of argmax over full-vocabulary logits.
-    """
-    from vllm_coral.models.checkpoint import read_config
-    from vllm_coral.models.coral import CoralDrafter
-    from vllm_coral.models.eagle import EagleDrafter
-
-    path = Path(path).resolve()
-    family = (read_config(path).get("vllm_coral") or {}).get("family")
-    loader = CoralDrafter if family == "coral" else EagleDrafter
-    loader.load(path, target_config=target_config)
-    spec = {"method": "eagle", "model": str(path), "num_speculative_tokens": num_speculative_tokens}
-    if family == "coral":
-        spec["use_local_argmax_reduction"] = True
-    if draft_sample_method is not None:
-        spec["draft_sample_method"] = draft_sample_method
-    return spec
+    return {"name": name, "method": read_drafter(path).recipe, "checkpoint": str(path)}
 
 
 def _looks_like_path(text: str) -> bool:

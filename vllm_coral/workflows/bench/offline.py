@@ -30,7 +30,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vllm_coral.training.data import Prompt
+from vllm_coral.prompts import Prompt
 from vllm_coral.workflows.bench.guard import compare_tokens
 from vllm_coral.workflows.bench.methods import BenchError, MethodSpec
 from vllm_coral.workflows.bench.questions import conversation
@@ -95,6 +95,14 @@ def engine_plan(
     return plan
 
 
+@dataclass(frozen=True)
+class _Settings:
+    max_tokens: int
+    batch_size: int | None
+    seed: int
+    dtype: str
+
+
 def run_offline(
     model: str | Path,
     specs: list[MethodSpec],
@@ -109,65 +117,70 @@ def run_offline(
     log=print,
 ) -> list[OfflineRow]:
     """Run the plan; returns one row per (engine, dataset, temperature)."""
-    from vllm import SamplingParams
-
-    from vllm_coral.plugin.engine import engine_kwargs, open_llm
-
     plan = engine_plan(specs, temperatures, draft_sample_methods)
+    settings = _Settings(max_tokens, batch_size, seed, dtype)
     rows: list[OfflineRow] = []
     # (dataset, T) -> the target alone's (output tokens, prompt tokens) per request.
     reference: dict[tuple[str, float], tuple[dict[str, list[int]], dict[str, list[int]]]] = {}
     for n, (spec, mode, temps) in enumerate(plan, 1):
-        label = spec.name + (f" ({mode})" if mode else "")
-        config = spec.engine_config(mode)
-        k = (config or {}).get("num_speculative_tokens")
-
-        def new_row(dataset: str, t: float, **kw) -> OfflineRow:
-            return OfflineRow(dataset=dataset, method=spec.name, kind=spec.method, temperature=t,
-                              draft_sample_method=mode, num_speculative_tokens=k, speculative_config=config, **kw)  # fmt: skip
-
-        if spec.error:
-            log(f"[{n}/{len(plan)}] {label}: skipped: {spec.error}")
-            rows += [new_row(d, t, error=spec.error) for t in temps for d in datasets]
-            continue
-        log(f"[{n}/{len(plan)}] {label}: starting vLLM ...")
-        try:
-            with open_llm(**engine_kwargs(model, speculative_config=config, dtype=dtype, seed=seed)) as llm:
-                startup = llm.vllm_coral_startup_s
-                first = True
-                for t in temps:
-                    for dataset, prompts in datasets.items():
-                        row = new_row(dataset, t, startup_s=startup)
-                        try:
-                            tokens, prompt_ids = _run_dataset(llm, prompts, row, SamplingParams, max_tokens, batch_size,
-                                                              seed, warmup=first, desc=f"{label} · {dataset} T={t:g}")  # fmt: skip
-                        except Exception as e:  # noqa: BLE001 - a crashed row is reported, the run goes on
-                            if spec.method == "none":
-                                raise
-                            row.error = f"generation failed: {one_line(e)}"
-                            tokens = None
-                        first = False
-                        rows.append(row)
-                        if tokens is not None and t == 0.0:
-                            if spec.method == "none":
-                                reference[(dataset, t)] = (tokens, prompt_ids)
-                            elif (dataset, t) in reference:
-                                want, want_prompts = reference[(dataset, t)]
-                                row.guard = compare_tokens(want, tokens, want_prompts).to_dict()
-                        log(f"    {_summary(row)}")
-        except Exception as e:  # noqa: BLE001
-            if spec.method == "none":
-                raise BenchError(f"the target alone failed, nothing to compare with: {one_line(e)}") from e
-            error = f"vLLM engine failed: {one_line(e)}"
-            log(f"    {label}: {error}")
-            done = {(r.dataset, r.temperature) for r in rows if r.method == spec.name and r.draft_sample_method == mode}
-            rows += [new_row(d, t, error=error) for t in temps for d in datasets if (d, t) not in done]
+        label = f"[{n}/{len(plan)}] " + spec.name + (f" ({mode})" if mode else "")
+        rows += _run_engine(model, spec, mode, temps, datasets, settings, reference, label, log)
     fill_speedups(rows, key=lambda r: (r.dataset, r.temperature))
     return rows
 
 
-def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_tokens: int, batch_size: int | None,
-                 seed: int, *, warmup: bool, desc: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:  # fmt: skip
+def _run_engine(model, spec: MethodSpec, mode: str | None, temps: list[float], datasets: dict[str, list[Prompt]],
+                settings: _Settings, reference: dict, label: str, log) -> list[OfflineRow]:  # fmt: skip
+    """One vLLM engine: every dataset at every temperature; a failure becomes error rows."""
+    from vllm_coral.plugin.engine import engine_kwargs, open_llm
+
+    config = spec.engine_config(mode)
+    k = (config or {}).get("num_speculative_tokens")
+
+    def new_row(dataset: str, t: float, **kw) -> OfflineRow:
+        return OfflineRow(dataset=dataset, method=spec.name, kind=spec.method, temperature=t,
+                          draft_sample_method=mode, num_speculative_tokens=k, speculative_config=config, **kw)  # fmt: skip
+
+    if spec.error:
+        log(f"{label}: skipped: {spec.error}")
+        return [new_row(d, t, error=spec.error) for t in temps for d in datasets]
+    log(f"{label}: starting vLLM ...")
+    rows: list[OfflineRow] = []
+    try:
+        kwargs = engine_kwargs(model, speculative_config=config, dtype=settings.dtype, seed=settings.seed)
+        with open_llm(**kwargs) as llm:
+            first = True
+            for t in temps:
+                for dataset, prompts in datasets.items():
+                    row = new_row(dataset, t, startup_s=llm.vllm_coral_startup_s)
+                    try:
+                        tokens, prompt_ids = _run_dataset(llm, prompts, row, settings, warmup=first,
+                                                          desc=f"{spec.name} · {dataset} T={t:g}")  # fmt: skip
+                    except Exception as e:  # noqa: BLE001 - a crashed row is reported, the run goes on
+                        if spec.method == "none":
+                            raise
+                        row.error, tokens = f"generation failed: {one_line(e)}", None
+                    first = False
+                    rows.append(row)
+                    if tokens is not None and t == 0.0:
+                        if spec.method == "none":
+                            reference[(dataset, t)] = (tokens, prompt_ids)
+                        elif (dataset, t) in reference:
+                            want, want_prompts = reference[(dataset, t)]
+                            row.guard = compare_tokens(want, tokens, want_prompts).to_dict()
+                    log(f"    {_summary(row)}")
+    except Exception as e:  # noqa: BLE001
+        if spec.method == "none":
+            raise BenchError(f"the target alone failed, nothing to compare with: {one_line(e)}") from e
+        error = f"vLLM engine failed: {one_line(e)}"
+        log(f"    {label}: {error}")
+        done = {(r.dataset, r.temperature) for r in rows}
+        rows += [new_row(d, t, error=error) for t in temps for d in datasets if (d, t) not in done]
+    return rows
+
+
+def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, settings: _Settings, *, warmup: bool,
+                 desc: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:  # fmt: skip
     """All turns of all prompts; fills the row's figures. Returns request id -> output
     tokens and request id -> prompt tokens."""
     from tqdm import tqdm
@@ -184,9 +197,9 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_
         for turn in range(1, max(len(p.turns) for p in prompts) + 1):
             active = [p for p in prompts if len(p.turns) >= turn]
             ids = [f"{p.id}/turn{turn}" for p in active]
-            params = [_sampling(sampling_cls, row.temperature, max_tokens, seed, rid) for rid in ids]
+            params = [_sampling(row.temperature, settings.max_tokens, settings.seed, rid) for rid in ids]
             convs = [conversation(p, turn, answers[p.id]) for p in active]
-            run = timed_chat(llm, convs, params, warmup=warmup and turn == 1, batch_size=batch_size,
+            run = timed_chat(llm, convs, params, warmup=warmup and turn == 1, batch_size=settings.batch_size,
                              on_chunk=bar.update)  # fmt: skip
             for p, rid, ids_, text, prompt in zip(active, ids, run.token_ids, run.texts, run.prompt_token_ids):
                 answers[p.id].append(text)
@@ -202,10 +215,12 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, sampling_cls, max_
     return tokens, prompt_ids
 
 
-def _sampling(sampling_cls, temperature: float, max_tokens: int, seed: int, request_id: str):
+def _sampling(temperature: float, max_tokens: int, seed: int, request_id: str):
+    from vllm_coral.plugin.engine import sampling_params
+
     if temperature == 0.0:
-        return sampling_cls(temperature=0.0, max_tokens=max_tokens)
-    return sampling_cls(temperature=temperature, max_tokens=max_tokens, seed=request_seed(seed, request_id))
+        return sampling_params(temperature=0.0, max_tokens=max_tokens)
+    return sampling_params(temperature=temperature, max_tokens=max_tokens, seed=request_seed(seed, request_id))
 
 
 def request_seed(seed: int, request_id: str) -> int:

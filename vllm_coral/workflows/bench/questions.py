@@ -2,7 +2,7 @@
 
 The benchmarks read MT-bench format (one JSON object per line with ``question_id`` and
 ``turns``, a list of user turns; ShareGPT and OpenAI-messages records are read too).
-Parsing is :func:`vllm_coral.training.data.read_prompts`: a malformed line is skipped and
+Parsing is :func:`vllm_coral.prompts.read_prompts`: a malformed line is skipped and
 reported with its line number; a file without a single usable question is an error.
 
 ``vllm-coral bench questions`` writes the reference datasets in that format, from sources
@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_coral.training.data import ParseReport, Prompt, read_prompts
+from vllm_coral.prompts import ParseReport, Prompt, read_prompts
 
 __all__ = ["DATASETS", "HUMANEVAL_INSTRUCTION", "conversation", "load_questions", "write_dataset"]
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vllm_coral.training.data import Prompt
+from vllm_coral.prompts import Prompt
 from vllm_coral.workflows.bench.methods import MethodSpec
 from vllm_coral.workflows.bench.offline import engine_plan, fill_speedups, request_seed, set_acceptance
 from vllm_coral.workflows.bench.questions import conversation

@@ -1,5 +1,7 @@
-"""Trainer: HASS's attention layout against a step-by-step simulation of drafting, resume
-after a kill (bit-identical to an uninterrupted run), and the DDP path under torchrun."""
+"""The training loop and the unrolled recipes: HASS's attention layout against a step-by-step
+simulation of drafting, device/autocast/backend selection, resume after a kill
+(bit-identical to an uninterrupted run), the DDP path under torchrun, and the streaming
+feature dataset."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
-from vllm_coral.training.trainer import TrainConfig, hass_attention_mask
+from vllm_coral.models.registry import load_drafter
+from vllm_coral.training.dataset import FeatureDataset
+from vllm_coral.training.loop import LoopConfig, select_runtime
+from vllm_coral.training.unrolled import hass_attention_mask
 
 
 def test_hass_mask_worked_example():
@@ -112,11 +117,68 @@ def test_ddp_under_torchrun(target_path, tiny_features, tmp_path):
     assert meta["step"] == 3 and meta["world_size"] == 2
     # Both ranks stepped the same averaged gradients: rank 0's saved weights are a
     # finite, trained drafter that loads.
-    model = EagleDrafter.load(out / "drafter")
+    model, _ = load_drafter(out / "drafter")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_train_config_validation():
-    with pytest.raises(ValueError, match="method must be"):
-        TrainConfig(method="medusa")
-    assert TrainConfig.for_method("hass").unroll == 3 and TrainConfig.for_method("hass").topk_weight == 1.0
+@pytest.mark.parametrize(
+    "device, dtype, env, cuda, bf16, want",
+    [
+        ("auto", "auto", {}, False, None, ("cpu", None, None)),
+        ("auto", "auto", {}, True, True, ("cuda:0", torch.bfloat16, None)),
+        ("auto", "auto", {}, True, False, ("cuda:0", None, None)),
+        ("cpu", "auto", {}, True, True, ("cpu", None, None)),
+        ("cpu", "bfloat16", {}, False, None, ("cpu", torch.bfloat16, None)),
+        ("cuda", "float32", {}, True, True, ("cuda:0", None, None)),
+        ("auto", "auto", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, True, True, ("cuda:1", torch.bfloat16, "nccl")),
+        ("cpu", "auto", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, True, True, ("cpu", None, "gloo")),
+    ],
+)  # fmt: skip
+def test_runtime_selection(device, dtype, env, cuda, bf16, want):
+    rt = select_runtime(device, dtype, env=env, cuda_available=cuda, bf16_supported=bf16)
+    assert (str(rt.device), rt.autocast_dtype, rt.backend) == want
+    assert rt.world == int(env.get("WORLD_SIZE", 1)) and rt.rank == int(env.get("RANK", 0))
+
+
+def test_runtime_refuses_what_the_machine_lacks():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        select_runtime("cuda", "auto", env={}, cuda_available=False)
+    with pytest.raises(ValueError, match="does not support bfloat16"):
+        select_runtime("cuda", "bfloat16", env={}, cuda_available=True, bf16_supported=False)
+    with pytest.raises(ValueError, match="device must be"):
+        LoopConfig(device="tpu")
+
+
+def test_autocast_follows_the_runtime():
+    rt = select_runtime("cpu", "bfloat16", env={}, cuda_available=False)
+    with rt.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with select_runtime("cpu", "float32", env={}, cuda_available=False).autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_dataset_streams_hidden_states_from_the_shards(target_path, tiny_features):
+    from safetensors import safe_open
+
+    data = FeatureDataset(tiny_features, 1024, 576)
+    assert len(data) == 12 and not data._handles  # nothing but ids/masks read so far
+    ids, mask = data.tokens(3)
+    item = data.items[3]
+    with safe_open(str(data.files[item.shard]), framework="pt") as f:
+        want = f.get_tensor("hidden")[item.start : item.start + item.length]
+    assert torch.equal(data.hidden(3), want) and len(ids) == len(mask) == item.length
+    batch = data.collate([3, 5], torch.Generator())
+    assert batch.feats.shape == (2, max(data.items[3].length, data.items[5].length), 576)
+    with pytest.raises(ValueError, match=r"expected \[\d+, 640\]"):
+        FeatureDataset(tiny_features, 1024, 640)
+
+
+def test_dataset_refuses_a_truncated_shard(tiny_features, tmp_path):
+    import shutil
+
+    copy = tmp_path / "f"
+    shutil.copytree(tiny_features, copy)
+    shard = sorted(copy.glob("shard_*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="unreadable feature shard"):
+        FeatureDataset(copy, 1024, 576)

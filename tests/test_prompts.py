@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vllm_coral.training.data import ParseReport, is_heldout, iter_json_array, read_prompts
+from vllm_coral.prompts import ParseReport, is_heldout, iter_json_array, read_prompts
 
 SHAREGPT = [
     {"id": "a", "conversations": [
@@ -82,7 +82,7 @@ def test_unusable_file_is_one_line_error(tmp_path):
 def test_mt_bench_file_from_shared_data():
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "mt_bench" / "question.jsonl"
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
     if not path.exists():
         pytest.skip("../shared/data is not beside this checkout")
     prompts = read_prompts(path)

@@ -1,0 +1,142 @@
+"""Feature shards as a training dataset that need not fit in RAM, and its token-budget batches.
+
+``vllm-coral data features`` writes shards of ``input_ids`` [N] int32, ``loss_mask`` [N]
+uint8, ``hidden`` [N, H] and ``offsets`` [S+1] (``vllm_coral.training.features``). The
+small per-token tensors (ids, masks, offsets) of every shard are read once, which is all
+batching needs; the hidden states, 2-4 KB per token, are read only when a batch is
+collated, as slices of the memory-mapped shard files (safetensors reads just those rows).
+A 10M-token dataset thus costs ~60 MB of RAM plus the OS page cache, not 20-40 GB.
+
+Batches hold whole sequences up to ``batch_tokens`` tokens, padded to the longest; the
+order is one seeded permutation per epoch, so a run is a deterministic function of
+(seed, data), which is what makes ``--resume`` bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+__all__ = ["Batch", "FeatureDataset", "epoch_batches", "token_batches"]
+
+
+@dataclass
+class Batch:
+    # [B, S] token ids (0 past each sequence's end).
+    ids: torch.Tensor
+    # [B, S] 1.0 where the token was written by the assistant (0 for prompts and padding).
+    mask: torch.Tensor
+    # [B, S, H] the target's post-norm last-layer features, float32.
+    feats: torch.Tensor
+    # Seeded per (step, rank): recipes draw their noise from it, so resumed runs repeat it.
+    generator: torch.Generator
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.ids.to(device), self.mask.to(device), self.feats.to(device), self.generator)
+
+
+@dataclass(frozen=True)
+class _Item:
+    shard: int  # index into FeatureDataset.files
+    start: int  # first token in the shard
+    length: int  # tokens kept (truncated to max_seq_len)
+
+
+class FeatureDataset:
+    """Trainable sequences (>= 3 tokens with a scored token from index 2 on) of a features folder."""
+
+    def __init__(self, folder: str | Path, max_seq_len: int, hidden_size: int) -> None:
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{index_path}: unreadable features index ({e}); run `vllm-coral data features`") from None
+        self.files = [self.folder / entry["file"] for entry in index["shards"]]
+        self._ids: list[torch.Tensor] = []
+        self._mask: list[torch.Tensor] = []
+        self.items: list[_Item] = []
+        for s, path in enumerate(self.files):
+            self._read_small(s, path, max_seq_len, hidden_size)
+        if not self.items:
+            raise ValueError(f"{self.folder}: no trainable sequences")
+        self._handles: dict[int, object] = {}
+
+    def _read_small(self, s: int, path: Path, max_seq_len: int, hidden_size: int) -> None:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                ids, mask, offsets = (f.get_tensor(k) for k in ("input_ids", "loss_mask", "offsets"))
+                shape = f.get_slice("hidden").get_shape()
+        except Exception as e:  # missing file, truncated header, missing tensor
+            raise ValueError(f"{path}: unreadable feature shard ({type(e).__name__}: {e})") from None
+        if shape != [len(ids), hidden_size]:
+            raise ValueError(f"{path}: hidden is {shape}, expected [{len(ids)}, {hidden_size}] (the target's width)")
+        self._ids.append(ids)
+        self._mask.append(mask)
+        for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+            n = min(b - a, max_seq_len)
+            if n >= 3 and bool(mask[a + 2 : a + n].any()):
+                self.items.append(_Item(s, a, n))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def lengths(self) -> list[int]:
+        return [item.length for item in self.items]
+
+    def tokens(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [L], mask [L]) of sequence i, from memory."""
+        it = self.items[i]
+        return self._ids[it.shard][it.start : it.start + it.length], self._mask[it.shard][it.start : it.start + it.length]
+
+    def hidden(self, i: int) -> torch.Tensor:
+        """[L, H] features of sequence i, read from the memory-mapped shard."""
+        it = self.items[i]
+        if it.shard not in self._handles:
+            self._handles[it.shard] = safe_open(str(self.files[it.shard]), framework="pt")
+        return self._handles[it.shard].get_slice("hidden")[it.start : it.start + it.length]
+
+    def collate(self, indices: list[int], generator: torch.Generator) -> Batch:
+        S = max(self.items[i].length for i in indices)
+        H = None
+        rows = []
+        for i in indices:
+            ids, mask = self.tokens(i)
+            rows.append((ids, mask, self.hidden(i)))
+            H = rows[-1][2].shape[-1]
+        ids = torch.zeros(len(indices), S, dtype=torch.long)
+        mask = torch.zeros(len(indices), S)
+        feats = torch.zeros(len(indices), S, H)
+        for r, (x, m, f) in enumerate(rows):
+            ids[r, : len(x)] = x.long()
+            mask[r, : len(x)] = m.float()
+            feats[r, : len(x)] = f.float()
+        return Batch(ids, mask, feats, generator)
+
+
+def token_batches(lengths: list[int], batch_tokens: int, order: list[int]) -> list[list[int]]:
+    """Consecutive indices of ``order`` grouped so that longest * count <= batch_tokens."""
+    out, cur, longest = [], [], 0
+    for i in order:
+        n = lengths[i]
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def epoch_batches(lengths: list[int], batch_tokens: int, epochs: int, seed: int) -> list[list[int]]:
+    """Token-budget batches, one seeded shuffle per epoch, epochs concatenated."""
+    batches = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches += token_batches(lengths, batch_tokens, order)
+    return batches

@@ -1,0 +1,74 @@
+"""Training recipes, found through the drafter-family registry.
+
+A recipe is what the training loop (``vllm_coral.training.loop``) needs to know about one
+way of training one family: its knobs (a frozen dataclass, with a preset), how to build
+the trainable module, the loss of one batch, and what to write as checkpoints. Families
+name their recipes as "module:attr" strings (``DrafterFamily.recipes``), so adding a
+recipe is its own file plus the family's registry entry; the CLI's ``train <recipe>``
+subcommands and their flags are generated from this list.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_coral.models.registry import families
+
+__all__ = ["Recipe", "get_recipe", "recipes"]
+
+
+def _no_finish(cfg, module, head, out: Path, loop) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    # CLI subcommand and the checkpoint's vllm_coral.recipe.
+    name: str
+    # Family of the checkpoints it writes.
+    family: str
+    # The recipe's knobs: a frozen dataclass (CLI flags are generated from its fields).
+    preset: Any
+    # (cfg, head: TargetHead, data: FeatureDataset) -> the module to train (frozen parts inside).
+    build: Callable[..., torch.nn.Module]
+    # (cfg, module, head, batch: Batch) -> (loss tensor, {scalar name: float}).
+    loss: Callable[..., tuple[torch.Tensor, dict]]
+    # (cfg, module, head, out: Path, training: dict) -> checkpoint folders written.
+    export: Callable[..., list[Path]]
+    # (cfg, module, head, out, loop) -> extra summary (e.g. held-out metrics), after training.
+    finish: Callable[..., dict] = _no_finish
+    # LoopConfig defaults that differ for this recipe (e.g. the router's learning rate).
+    loop_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # One line for --help.
+    help: str = ""
+
+    @property
+    def config_cls(self) -> type:
+        return type(self.preset)
+
+
+def recipes() -> dict[str, Recipe]:
+    """Every recipe of every registered family, by name."""
+    found: dict[str, Recipe] = {}
+    for family in families().values():
+        for name, ref in family.recipes.items():
+            found[name] = _resolve(ref) if isinstance(ref, str) else ref
+    return found
+
+
+def get_recipe(name: str) -> Recipe:
+    known = recipes()
+    if name not in known:
+        raise ValueError(f"unknown recipe {name!r} (known: {', '.join(sorted(known))})")
+    return known[name]
+
+
+def _resolve(ref: str) -> Recipe:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
