@@ -177,3 +177,17 @@ def test_schema_1_coral_upgrade_keeps_the_router_fields(tmp_path):
     ckpt = validate_drafter(path)
     assert (ckpt.family.name, ckpt.recipe, ckpt.config.num_groups, ckpt.config.top_k) == ("coral", "coral-router", 16, 2)
     assert ckpt.training == {"drafter": "drafter"}
+
+
+def test_config_as_transformers_hands_it_to_vllm_parses_the_same():
+    """vLLM passes the draft config through transformers 5, which renames torch_dtype to
+    dtype and moves rope_theta into rope_parameters; the plugin parses that dict."""
+    from transformers import AutoConfig
+
+    from vllm_coral.models.registry import parse_drafter_config
+
+    for name in ("eagle", "hass", "coral"):
+        path = ROOT / "checkpoints" / "smollm2-135m" / name
+        as_vllm_sees_it = AutoConfig.from_pretrained(path).to_dict()
+        assert as_vllm_sees_it.get("rope_theta") is None  # the renaming this test is about
+        assert parse_drafter_config(as_vllm_sees_it, name)[2] == read_drafter(path).config

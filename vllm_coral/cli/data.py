@@ -62,6 +62,22 @@ def _cmd_data_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_pack(args: argparse.Namespace) -> int:
+    from vllm_coral.workflows.pack import pack_dataset
+
+    counts = pack_dataset(args.data, args.out)["counts"]
+    print(f"{args.out}: {counts['train']} train, {counts['heldout']} held-out conversations packed")
+    return 0
+
+
+def _cmd_data_unpack(args: argparse.Namespace) -> int:
+    from vllm_coral.workflows.pack import unpack_dataset
+
+    counts = unpack_dataset(args.dataset, args.out)
+    print(f"{args.out}: {counts['train']} train, {counts['heldout']} held-out conversations")
+    return 0
+
+
 def _cmd_drafter_info(args: argparse.Namespace) -> int:
     from vllm_coral.cli import resolve_target
     from vllm_coral.models.checkpoint import read_config
@@ -148,6 +164,14 @@ def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="training data").add_subparsers(dest="data_command", required=True)
     _add_generate(data)
     _add_features(data)
+    pack = data.add_parser("pack", help="append new generated conversations to committable gzip parts")
+    pack.add_argument("--data", type=Path, required=True, help="folder written by 'data generate'")
+    pack.add_argument("--out", type=Path, required=True, help="dataset folder (manifest.json + parts)")
+    pack.set_defaults(func=_cmd_data_pack)
+    unpack = data.add_parser("unpack", help="rebuild train/heldout.jsonl from packed parts (hashes checked)")
+    unpack.add_argument("--dataset", type=Path, required=True, help="folder written by 'data pack'")
+    unpack.add_argument("--out", type=Path, required=True, help="new folder for 'data generate'/'data features'")
+    unpack.set_defaults(func=_cmd_data_unpack)
 
     drafter = sub.add_parser("drafter", help="drafter checkpoints").add_subparsers(dest="drafter_command", required=True)
     info = drafter.add_parser("info", help="validate checkpoints (config + safetensors header) and describe them")

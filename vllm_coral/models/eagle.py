@@ -119,10 +119,14 @@ class EagleConfig:
             raise ValueError(f"unknown EAGLE field(s) {', '.join(sorted(fields))}")
         if hf.get("num_hidden_layers", 1) != 1:
             raise ValueError(f"num_hidden_layers={hf['num_hidden_layers']}, an EAGLE drafter has exactly 1")
-        hf = dict(hf)
-        dtype = hf.get("torch_dtype", hf.get("dtype"))  # transformers 5 calls it "dtype"
+        # The same fields as transformers 5 hands them to vLLM: "dtype" for torch_dtype, and
+        # rope_theta moved into rope_parameters.
+        hf = {k: v for k, v in hf.items() if v is not None}
+        dtype = hf.get("torch_dtype", hf.get("dtype"))
         if dtype is not None:
             hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), Mapping):
+            hf["rope_theta"] = hf["rope_parameters"].get("rope_theta")
         missing = [name for name in _HF_FIELDS if name not in hf]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")

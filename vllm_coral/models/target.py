@@ -65,6 +65,14 @@ class TargetHead:
         head = embed if self.lm_head is self.embed else self.lm_head.to(device)
         return TargetHead(config=self.config, embed=embed, lm_head=head)
 
+    def with_head_dtype(self, dtype: torch.dtype) -> TargetHead:
+        """The same head with the LM head stored in ``dtype`` (the embedding stays as is).
+
+        Under bf16 autocast, every ``h @ W.T`` would otherwise re-cast the 49152 x 576 head
+        to bf16 on each call; a bf16 copy made once removes that (measured in
+        ``benchmarks/bench_trainer.py``)."""
+        return TargetHead(config=self.config, embed=self.embed, lm_head=self.lm_head.to(dtype))
+
     @property
     def hidden_size(self) -> int:
         return self.config["hidden_size"]
@@ -77,4 +85,4 @@ class TargetHead:
         return F.embedding(ids, self.embed)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V]
-        return h @ self.lm_head.T
+        return h.to(self.lm_head.dtype) @ self.lm_head.T

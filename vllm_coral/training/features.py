@@ -82,6 +82,53 @@ def iter_shards(folder: str | Path):
             yield FeatureShard(**{k: f.get_tensor(k) for k in ("input_ids", "loss_mask", "hidden", "offsets")})
 
 
+class _ShardWriter:
+    """Buffers sequences and writes a shard (temporary name, then rename) plus index.json
+    once ``shard_tokens`` are buffered, so a kill loses at most the shard in flight."""
+
+    def __init__(self, out: Path, index: dict, store_dtype: torch.dtype, shard_tokens: int) -> None:
+        self.out, self.index, self.dtype, self.shard_tokens = out, index, store_dtype, shard_tokens
+        self.ids: list[torch.Tensor] = []
+        self.mask: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []
+        self.conv_ids: list[str] = []
+
+    def add(self, conv_id: str, ids: list[int], mask: list[int], hidden: torch.Tensor) -> None:
+        self.ids.append(torch.tensor(ids))
+        self.mask.append(torch.tensor(mask))
+        self.hidden.append(hidden.to(self.dtype))
+        self.conv_ids.append(conv_id)
+        if sum(len(x) for x in self.ids) >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.conv_ids:
+            return
+        name = f"shard_{len(self.index['shards']):05d}.safetensors"
+        offsets = torch.tensor([0] + [len(x) for x in self.ids]).cumsum(0)
+        tensors = {"input_ids": torch.cat(self.ids).to(torch.int32), "loss_mask": torch.cat(self.mask).to(torch.uint8),
+                   "hidden": torch.cat(self.hidden), "offsets": offsets.to(torch.int64)}  # fmt: skip
+        save_file(tensors, str(self.out / (name + ".tmp")))
+        os.replace(self.out / (name + ".tmp"), self.out / name)
+        self.index["shards"].append({"file": name, "ids": list(self.conv_ids), "tokens": int(offsets[-1])})
+        tmp = self.out / "index.json.tmp"
+        tmp.write_text(json.dumps(self.index) + "\n")
+        os.replace(tmp, self.out / "index.json")
+        for buf in (self.ids, self.mask, self.hidden, self.conv_ids):
+            buf.clear()
+
+
+def _read_records(conversations: Path, max_samples: int | None) -> list[dict]:
+    records = []
+    with open(conversations) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                print(f"{conversations}:{lineno}: skipped (invalid JSON)", file=sys.stderr)
+    return records if max_samples is None else records[:max_samples]
+
+
 def extract_features(
     target: str | Path,
     conversations: Path,
@@ -99,47 +146,16 @@ def extract_features(
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {"shards": []}
-    config = dict(target=str(target), source=str(conversations), dtype=dtype, max_length=max_length)
+    config = dict(target=Path(target).name, source=Path(conversations).name, dtype=dtype, max_length=max_length)
     if index.get("config", config) != config:
         raise ValueError(f"{out}: holds features made with {index['config']}, not {config}; use a new folder")
     index["config"] = config
     done = {i for entry in index["shards"] for i in entry["ids"]}
-
-    records = []
-    with open(conversations) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                print(f"{conversations}:{lineno}: skipped (invalid JSON)", file=sys.stderr)
-    if max_samples is not None:
-        records = records[:max_samples]
-    todo = [r for r in records if r["id"] not in done]
+    todo = [r for r in _read_records(conversations, max_samples) if r["id"] not in done]
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    buf_ids, buf_mask, buf_hidden, buf_ids_done, lengths = [], [], [], [], []
-
-    def flush():
-        if not buf_ids_done:
-            return
-        name = f"shard_{len(index['shards']):05d}.safetensors"
-        offsets = torch.tensor([0] + lengths).cumsum(0)
-        tensors = {
-            "input_ids": torch.cat(buf_ids).to(torch.int32),
-            "loss_mask": torch.cat(buf_mask).to(torch.uint8),
-            "hidden": torch.cat(buf_hidden).to(store_dtype),
-            "offsets": offsets.to(torch.int64),
-        }
-        save_file(tensors, str(out / (name + ".tmp")))
-        os.replace(out / (name + ".tmp"), out / name)
-        index["shards"].append({"file": name, "ids": list(buf_ids_done), "tokens": int(offsets[-1])})
-        tmp = index_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index) + "\n")
-        os.replace(tmp, index_path)
-        for buf in (buf_ids, buf_mask, buf_hidden, buf_ids_done, lengths):
-            buf.clear()
-
+    writer = _ShardWriter(out, index, store_dtype, shard_tokens)
     skipped = 0
     with torch.inference_mode():
         for record in tqdm(todo, desc="features", unit="conv", file=sys.stderr):
@@ -148,14 +164,7 @@ def extract_features(
             if not any(mask):
                 skipped += 1
                 continue
-            hidden = model.model(torch.tensor([ids])).last_hidden_state[0]
-            buf_ids.append(torch.tensor(ids))
-            buf_mask.append(torch.tensor(mask))
-            buf_hidden.append(hidden.to(store_dtype))
-            buf_ids_done.append(record["id"])
-            lengths.append(len(ids))
-            if sum(lengths) >= shard_tokens:
-                flush()
-        flush()
+            writer.add(record["id"], ids, mask, model.model(torch.tensor([ids])).last_hidden_state[0])
+        writer.flush()
     tokens = sum(e["tokens"] for e in index["shards"])
     return dict(shards=len(index["shards"]), conversations=len(done) + len(todo) - skipped, tokens=tokens, skipped=skipped)

@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,29 +38,27 @@ from safetensors.torch import load_file, save_file
 
 from vllm_coral.models.target import TargetHead
 from vllm_coral.training.dataset import FeatureDataset, epoch_batches
+from vllm_coral.training.recipes import knob
 
 __all__ = ["LoopConfig", "Runtime", "read_state", "run", "select_runtime", "warmup_cosine_lr", "write_state"]
 
 
-def _help(text: str, **kw) -> dict:
-    return dict(metadata={"help": text}, **kw)
-
 
 @dataclass(frozen=True)
 class LoopConfig:
-    epochs: int = field(default=1, **_help("passes over the training features"))
-    max_steps: int | None = field(default=None, **_help("stop after this many optimizer steps"))
-    batch_tokens: int = field(default=4096, **_help("tokens per batch (whole sequences, padded to the longest)"))
-    max_seq_len: int = field(default=1024, **_help("sequences are truncated to this many tokens"))
-    lr: float = field(default=5e-4, **_help("peak learning rate (linear warm-up, then cosine to 0)"))
-    warmup_steps: int = field(default=50, **_help("linear warm-up steps"))
-    weight_decay: float = field(default=0.0, **_help("AdamW weight decay"))
-    grad_clip: float | None = field(default=0.5, **_help("clip the gradient norm to this (none: off)"))
-    device: str = field(default="auto", **_help("auto | cpu | cuda (auto: CUDA when available)"))
-    dtype: str = field(default="auto", **_help("auto | float32 | bfloat16 autocast (auto: bf16 on CUDA)"))
-    save_every: int = field(default=200, **_help("write a checkpoint every this many steps"))
-    log_every: int = field(default=10, **_help("TensorBoard scalars every this many steps"))
-    seed: int = field(default=0, **_help("data order, noise and initialisation"))
+    epochs: int = knob(1, "passes over the training features")
+    max_steps: int | None = knob(None, "stop after this many optimizer steps")
+    batch_tokens: int = knob(4096, "tokens per batch (whole sequences, padded to the longest)")
+    max_seq_len: int = knob(1024, "sequences are truncated to this many tokens")
+    lr: float = knob(5e-4, "peak learning rate (linear warm-up, then cosine to 0)")
+    warmup_steps: int = knob(50, "linear warm-up steps")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    grad_clip: float | None = knob(0.5, "clip the gradient norm to this (none: off)")
+    device: str = knob("auto", "auto | cpu | cuda (auto: CUDA when available)")
+    dtype: str = knob("auto", "auto | float32 | bfloat16 autocast (auto: bf16 on CUDA)")
+    save_every: int = knob(200, "write a checkpoint every this many steps")
+    log_every: int = knob(10, "TensorBoard scalars every this many steps")
+    seed: int = knob(0, "data order, noise and initialisation")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_tokens < 2 or self.max_seq_len < 3:
@@ -206,6 +204,8 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or use a new folder")
     torch.manual_seed(loop.seed)
     head = TargetHead.load(target).to(rt.device)
+    if rt.autocast_dtype is not None:
+        head = head.with_head_dtype(rt.autocast_dtype)
     data = FeatureDataset(features, loop.max_seq_len, head.hidden_size)
     module = recipe.build(cfg, head, data).to(rt.device)
     objective = _Objective(recipe, cfg, module, head)

@@ -20,7 +20,12 @@ import torch
 
 from vllm_coral.models.registry import families
 
-__all__ = ["Recipe", "get_recipe", "recipes"]
+__all__ = ["Recipe", "get_recipe", "knob", "recipes"]
+
+
+def knob(default: Any, help: str) -> Any:
+    """A config field with its --help text (the CLI flag is generated from it)."""
+    return field(default=default, metadata={"help": help})
 
 
 def _no_finish(cfg, module, head, out: Path, loop) -> dict:

@@ -33,7 +33,7 @@ device-aware and DDP-capable like the drafter recipes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,26 +44,23 @@ from vllm_coral.models.registry import load_drafter, save_drafter
 from vllm_coral.models.target import TargetHead
 from vllm_coral.models.vocab_groups import STRATEGIES, VocabPartition, partition_vocab
 from vllm_coral.training.dataset import Batch, FeatureDataset, token_batches
-from vllm_coral.training.recipes import Recipe
+from vllm_coral.training.recipes import Recipe, knob
 from vllm_coral.training.unrolled import next_token_weight, unrolled_steps
 
 __all__ = ["ROUTER", "RouterBank", "RouterConfig", "evaluate_routers", "metrics_table", "router_inputs",
            "token_counts"]  # fmt: skip
 
 
-def _help(text: str, **kw) -> dict:
-    return dict(metadata={"help": text}, **kw)
-
 
 @dataclass(frozen=True)
 class RouterConfig:
-    drafter: str = field(default="", **_help("the frozen EAGLE-family drafter folder (required)"))
-    partitions: tuple[str, ...] = field(default=("frequency",), **_help(f"vocabulary partitions: {', '.join(STRATEGIES)}"))
-    num_groups: tuple[int, ...] = field(default=(16,), **_help("group counts N (one router per partition x N)"))
-    top_k: tuple[int, ...] = field(default=(2,), **_help("groups computed per token k (one checkpoint per k)"))
-    unroll: int = field(default=3, **_help("drafting steps whose outputs feed the router"))
-    kmeans_iters: int = field(default=10, **_help("balanced k-means iterations (kmeans partition)"))
-    heldout_features: str | None = field(default=None, **_help("features folder for held-out routing metrics"))
+    drafter: str = knob("", "the frozen EAGLE-family drafter folder (required)")
+    partitions: tuple[str, ...] = knob(("frequency",), f"vocabulary partitions: {', '.join(STRATEGIES)}")
+    num_groups: tuple[int, ...] = knob((16,), "group counts N (one router per partition x N)")
+    top_k: tuple[int, ...] = knob((2,), "groups computed per token k (one checkpoint per k)")
+    unroll: int = knob(3, "drafting steps whose outputs feed the router")
+    kmeans_iters: int = knob(10, "balanced k-means iterations (kmeans partition)")
+    heldout_features: str | None = knob(None, "features folder for held-out routing metrics")
 
     def __post_init__(self) -> None:
         for s in self.partitions:

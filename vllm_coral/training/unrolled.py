@@ -25,7 +25,7 @@ assistant mask of x_{t+2} (padding and prompt tokens excluded).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,30 +34,27 @@ from vllm_coral.models.checkpoint import portable_path
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
 from vllm_coral.models.registry import save_drafter
 from vllm_coral.training.losses import csra_loss, feature_loss, soft_ce_loss, top1_accuracy, topk_distill_loss
-from vllm_coral.training.recipes import Recipe
+from vllm_coral.training.recipes import Recipe, knob
 
 __all__ = ["CORAL", "CSRA", "EAGLE", "HASS", "TopKDistill", "UnrolledConfig", "hass_attention_mask",
            "next_token_weight", "unrolled_steps"]  # fmt: skip
 
-
-def _help(text: str, **kw) -> dict:
-    return dict(metadata={"help": text}, **kw)
 
 
 @dataclass(frozen=True)
 class TopKDistill:
     """HASS's harmonized objective distillation: -sum_{v in TopK(p)} p(v) log q(v)."""
 
-    weight: float = field(default=1.0, **_help("weight of the top-K distillation loss"))
-    k: int = field(default=10, **_help("K: the target's top tokens distilled"))
+    weight: float = knob(1.0, "weight of the top-K distillation loss")
+    k: int = knob(10, "K: the target's top tokens distilled")
 
 
 @dataclass(frozen=True)
 class CSRA:
     """CORAL's cross-step representation alignment (InfoNCE across unrolled steps)."""
 
-    weight: float = field(default=0.1, **_help("lambda: weight of the CSRA loss"))
-    temperature: float = field(default=0.1, **_help("tau_c: InfoNCE temperature on cosine similarity"))
+    weight: float = knob(0.1, "lambda: weight of the CSRA loss")
+    temperature: float = knob(0.1, "tau_c: InfoNCE temperature on cosine similarity")
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -66,12 +63,12 @@ class CSRA:
 
 @dataclass(frozen=True)
 class UnrolledConfig:
-    unroll: int = field(default=1, **_help("drafting steps unrolled per position (EAGLE 1, HASS 3)"))
-    noise_std: float = field(default=0.2, **_help("input-feature noise width: (U(0,1) - 0.5) * noise_std"))
-    feature_weight: float = field(default=1.0, **_help("weight of SmoothL1(h, f_next)"))
-    ce_weight: float = field(default=0.1, **_help("weight of the soft cross-entropy on logits"))
-    topk: TopKDistill | None = field(default=None, **_help("HASS top-K distillation (--no-topk: off)"))
-    csra: CSRA | None = field(default=None, **_help("CORAL cross-step alignment (--no-csra: off)"))
+    unroll: int = knob(1, "drafting steps unrolled per position (EAGLE 1, HASS 3)")
+    noise_std: float = knob(0.2, "input-feature noise width: (U(0,1) - 0.5) * noise_std")
+    feature_weight: float = knob(1.0, "weight of SmoothL1(h, f_next)")
+    ce_weight: float = knob(0.1, "weight of the soft cross-entropy on logits")
+    topk: TopKDistill | None = knob(None, "HASS top-K distillation (--no-topk: off)")
+    csra: CSRA | None = knob(None, "CORAL cross-step alignment (--no-csra: off)")
 
     def __post_init__(self) -> None:
         if self.unroll < 1:

@@ -169,6 +169,28 @@ async def run_level(base_url: str, model: str, prompts: list[Prompt], *, concurr
     return timings, time.perf_counter() - start
 
 
+def _measure_level(row: ServeRow, base: str, served_model: str, prompts: list[Prompt], *, max_tokens: int, seed: int,
+                   desc: str) -> None:  # fmt: skip
+    """One concurrency level against a running server: timings into ``row``, acceptance from
+    the difference of two /metrics scrapes."""
+    import requests
+    from tqdm import tqdm
+
+    from vllm_coral.plugin.metrics import SpecDecodeCounters
+
+    def scrape():
+        return SpecDecodeCounters.from_prometheus_text(requests.get(f"{base}/metrics", timeout=30).text)
+
+    before = scrape()
+    with tqdm(total=sum(len(p.turns) for p in prompts), desc=desc, unit="req", leave=False) as bar:
+        timings, seconds = asyncio.run(run_level(base, served_model, prompts, concurrency=row.concurrency,
+                                                 temperature=row.temperature, max_tokens=max_tokens, seed=seed,
+                                                 on_request=bar.update))  # fmt: skip
+    summarize_level(row, timings, seconds)
+    if row.speculative_config is not None:
+        set_acceptance(row, scrape() - before)
+
+
 def run_serve(
     model: str | Path,
     specs: list[MethodSpec],
@@ -184,10 +206,6 @@ def run_serve(
     log=print,
 ) -> list[ServeRow]:
     """One server per (method, draft sampling mode); every dataset at every concurrency."""
-    import requests
-    from tqdm import tqdm
-
-    from vllm_coral.plugin.metrics import SpecDecodeCounters
     from vllm_coral.workflows.bench.server import ServerError, one_line, served
 
     plan = engine_plan(specs, [temperature], list(draft_sample_methods))
@@ -220,16 +238,8 @@ def run_serve(
                 for dataset, prompts in datasets.items():
                     for c in concurrencies:
                         row = new_row(dataset, c, startup_s=startup)
-                        before = SpecDecodeCounters.from_prometheus_text(requests.get(f"{base}/metrics", timeout=30).text)
-                        total = sum(len(p.turns) for p in prompts)
-                        with tqdm(total=total, desc=f"{label} · {dataset} c={c}", unit="req", leave=False) as bar:
-                            timings, seconds = asyncio.run(run_level(
-                                base, served_model, prompts, concurrency=c, temperature=temperature,
-                                max_tokens=max_tokens, seed=seed, on_request=bar.update))  # fmt: skip
-                        after = SpecDecodeCounters.from_prometheus_text(requests.get(f"{base}/metrics", timeout=30).text)
-                        summarize_level(row, timings, seconds)
-                        if config is not None:
-                            set_acceptance(row, after - before)
+                        _measure_level(row, base, served_model, prompts, max_tokens=max_tokens, seed=seed,
+                                       desc=f"{label} · {dataset} c={c}")  # fmt: skip
                         rows.append(row)
                         done.add((dataset, c))
                         log(f"    {dataset} c={c}: {row.requests_per_second:.2f} req/s, {row.tokens_per_second:.1f} tok/s, "
