@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from vllm_coral.training.losses import csra_loss, feature_loss, masked_mean, soft_ce_loss, top1_accuracy, topk_distill_loss
+from vllm_coral.training.losses import (
+    csra_loss,
+    feature_loss,
+    masked_mean,
+    soft_ce_loss,
+    target_distribution,
+    top1_accuracy,
+    topk_distill_loss,
+)
 
 
 def test_feature_loss_smooth_l1():
@@ -20,18 +28,20 @@ def test_feature_loss_smooth_l1():
 def test_soft_ce():
     # p = [0.5, 0.5]; q = softmax([ln 3, 0]) = [0.75, 0.25]; CE = -(0.5 ln 0.75 + 0.5 ln 0.25)
     want = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
-    got = soft_ce_loss(torch.tensor([[math.log(3), 0.0]]), torch.tensor([[0.0, 0.0]]), torch.ones(1))
+    log_q = torch.tensor([[math.log(3), 0.0]]).log_softmax(-1)
+    got = soft_ce_loss(log_q, target_distribution(torch.tensor([[0.0, 0.0]])), torch.ones(1))
     assert got.item() == pytest.approx(want, rel=1e-6)
 
 
 def test_topk_distill():
     # target logits [1, 0, -9]: p0 = e/(e+1+e^-9); K=1 keeps only token 0: -p0 ln q0, q0 = 0.75
     p = torch.tensor([1.0, 0.0, -9.0]).softmax(-1)
-    draft = torch.tensor([[math.log(3), 0.0, -1e9]])
-    got = topk_distill_loss(draft, torch.tensor([[1.0, 0.0, -9.0]]), torch.ones(1), k=1)
+    log_q = torch.tensor([[math.log(3), 0.0, -1e9]]).log_softmax(-1)
+    target = torch.tensor([[1.0, 0.0, -9.0]])
+    got = topk_distill_loss(log_q, target_distribution(target, k=1), torch.ones(1))
     assert got.item() == pytest.approx(-p[0].item() * math.log(0.75), rel=1e-6)
     # K = V is the full soft CE
-    full = topk_distill_loss(draft, torch.tensor([[1.0, 0.0, -9.0]]), torch.ones(1), k=2)
+    full = topk_distill_loss(log_q, target_distribution(target, k=2), torch.ones(1))
     want = -(p[0] * math.log(0.75) + p[1] * math.log(0.25)).item()
     assert full.item() == pytest.approx(want, rel=1e-5)
 
@@ -41,7 +51,12 @@ def test_masking_and_accuracy():
     assert masked_mean(torch.tensor([5.0]), torch.tensor([0])).item() == 0.0
     d = torch.tensor([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
     t = torch.tensor([[3.0, 1.0], [5.0, 1.0], [0.0, 1.0]])
-    assert top1_accuracy(d, t, torch.tensor([1.0, 1.0, 0.0])).item() == 0.5
+    assert top1_accuracy(d.log_softmax(-1), target_distribution(t), torch.tensor([1.0, 1.0, 0.0])).item() == 0.5
+    # rows selected from a shared distribution are the rows' own distribution
+    dist = target_distribution(t, k=1)
+    assert torch.equal(dist.select(torch.tensor([2, 0])).top1, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="k > 0"):
+        topk_distill_loss(d.log_softmax(-1), target_distribution(t), torch.ones(3))
 
 
 def test_csra_loss_hand_computed():

@@ -1,8 +1,10 @@
 """Drafter losses (EAGLE, HASS), each a small pure function with a hand-checked test.
 
 Notation: h [N, H] drafter output features, f [N, H] the target's next features, W [V, H]
-the target's LM head, p = softmax(W f) the target's next-token distribution, q = softmax(W h)
-the drafter's, mask [N] 1 where the position counts.
+the target's LM head, p = softmax(W f) the target's next-token distribution (a
+``TargetDist``, computed once per batch), q = softmax(W h) the drafter's, passed as
+log q (computed once per step and shared by the terms), mask [N] 1 where the position
+counts. All of it in float32, whatever the autocast dtype of the matmuls.
 
 - ``feature_loss``: SmoothL1(h, f) (beta 1, mean over H), averaged over masked positions.
   (EAGLE: regression on features is easier than on tokens and carries more signal.)
@@ -30,10 +32,13 @@ the drafter's, mask [N] 1 where the position counts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["csra_loss", "feature_loss", "masked_mean", "soft_ce_loss", "top1_accuracy", "topk_distill_loss"]
+__all__ = ["TargetDist", "csra_loss", "feature_loss", "masked_mean", "soft_ce_loss", "target_distribution",
+           "top1_accuracy", "topk_distill_loss"]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,24 +52,46 @@ def feature_loss(h: torch.Tensor, f: torch.Tensor, mask: torch.Tensor) -> torch.
     return masked_mean(per_pos, mask)
 
 
-def soft_ce_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    p = target_logits.float().softmax(-1)
-    log_q = draft_logits.float().log_softmax(-1)
-    return masked_mean(-(p * log_q).sum(-1), mask)
+@dataclass(frozen=True)
+class TargetDist:
+    """The target's next-token distribution at the scored positions, computed once per batch
+    and shared by every loss term and unrolled step (softmax and top-K over 49152 columns
+    are a quarter of a step; recomputing them per term and step doubled that)."""
+
+    # [n, V] p = softmax(W f), float32.
+    probs: torch.Tensor
+    # [n] argmax p.
+    top1: torch.Tensor
+    # [n, K] the K largest p and their token ids (K = 0: not computed).
+    topk_p: torch.Tensor
+    topk_idx: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> TargetDist:
+        """The distribution at a subset of the positions (bool mask or indices)."""
+        return TargetDist(self.probs[rows], self.top1[rows], self.topk_p[rows], self.topk_idx[rows])
 
 
-def topk_distill_loss(
-    draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor, k: int = 10
-) -> torch.Tensor:
-    p = target_logits.float().softmax(-1)
-    top_p, top_idx = p.topk(k, dim=-1)
-    log_q = draft_logits.float().log_softmax(-1).gather(-1, top_idx)
-    return masked_mean(-(top_p * log_q).sum(-1), mask)
+def target_distribution(target_logits: torch.Tensor, k: int = 0) -> TargetDist:
+    """[n, V] target logits -> TargetDist (with the top-k when k > 0)."""
+    probs = target_logits.float().softmax(-1)
+    top_p, top_idx = probs.topk(k, dim=-1) if k > 0 else (probs[:, :0], probs[:, :0].long())
+    return TargetDist(probs, probs.argmax(-1), top_p, top_idx)
 
 
-def top1_accuracy(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    hits = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float()
-    return masked_mean(hits, mask)
+def soft_ce_loss(log_q: torch.Tensor, target: TargetDist, mask: torch.Tensor) -> torch.Tensor:
+    """-sum_v p(v) log q(v); ``log_q`` [n, V] = log_softmax of the drafter's logits."""
+    return masked_mean(-(target.probs * log_q).sum(-1), mask)
+
+
+def topk_distill_loss(log_q: torch.Tensor, target: TargetDist, mask: torch.Tensor) -> torch.Tensor:
+    """-sum_{v in TopK(p)} p(v) log q(v), K = the top-k the TargetDist was built with."""
+    if target.topk_idx.shape[-1] == 0:
+        raise ValueError("topk_distill_loss needs a TargetDist built with k > 0")
+    return masked_mean(-(target.topk_p * log_q.gather(-1, target.topk_idx)).sum(-1), mask)
+
+
+def top1_accuracy(log_q: torch.Tensor, target: TargetDist, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean((log_q.argmax(-1) == target.top1).float(), mask)
 
 
 def csra_loss(step_features: list[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:

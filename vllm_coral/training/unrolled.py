@@ -33,7 +33,14 @@ import torch
 from vllm_coral.models.checkpoint import portable_path
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
 from vllm_coral.models.registry import save_drafter
-from vllm_coral.training.losses import csra_loss, feature_loss, soft_ce_loss, top1_accuracy, topk_distill_loss
+from vllm_coral.training.losses import (
+    csra_loss,
+    feature_loss,
+    soft_ce_loss,
+    target_distribution,
+    top1_accuracy,
+    topk_distill_loss,
+)
 from vllm_coral.training.recipes import Recipe, knob
 
 __all__ = ["CORAL", "CSRA", "EAGLE", "HASS", "TopKDistill", "UnrolledConfig", "hass_attention_mask",
@@ -128,7 +135,7 @@ def _loss(cfg: UnrolledConfig, drafter: EagleDrafter, head, batch):
     weight = next_token_weight(batch.mask)
     keep = weight > 0
     with torch.no_grad():
-        target_logits = head.logits(f_next[keep])
+        target = target_distribution(head.logits(f_next[keep]), cfg.topk.k if cfg.topk else 0)
     terms: dict[str, float] = {}
     total = 0.0
     common = keep.clone()
@@ -137,10 +144,9 @@ def _loss(cfg: UnrolledConfig, drafter: EagleDrafter, head, batch):
     for j, h in unrolled_steps(drafter, emb, f_in, torch.arange(S, device=ids.device), cfg.unroll):
         sel = keep.clone()
         sel[:, : j - 1] = False
-        t_logits = target_logits[sel[keep]]
-        d_logits = head.logits(h[sel].float())
-        ones = torch.ones(d_logits.shape[0], device=h.device)
-        step_total, step_terms = _step_terms(cfg, h[sel], f_next[sel], d_logits, t_logits, ones)
+        log_q = head.logits(h[sel]).float().log_softmax(-1)  # cast once: every term reads it
+        ones = torch.ones(log_q.shape[0], device=h.device)
+        step_total, step_terms = _step_terms(cfg, h[sel], f_next[sel], log_q, target.select(sel[keep]), ones)
         terms.update({f"{name}_step{j}": v for name, v in step_terms.items()})
         total = total + step_total / cfg.unroll
         csra_rows.append(h[common])
@@ -152,14 +158,14 @@ def _loss(cfg: UnrolledConfig, drafter: EagleDrafter, head, batch):
     return total, terms
 
 
-def _step_terms(cfg: UnrolledConfig, h, f_next, d_logits, t_logits, ones):
+def _step_terms(cfg: UnrolledConfig, h, f_next, log_q, target, ones):
     l_feat = feature_loss(h, f_next, ones)
-    l_ce = soft_ce_loss(d_logits, t_logits, ones)
+    l_ce = soft_ce_loss(log_q, target, ones)
     total = cfg.feature_weight * l_feat + cfg.ce_weight * l_ce
-    terms = {"acc/top1": top1_accuracy(d_logits, t_logits, ones).item(), "loss/feature": l_feat.item(),
+    terms = {"acc/top1": top1_accuracy(log_q, target, ones).item(), "loss/feature": l_feat.item(),
              "loss/ce": l_ce.item()}  # fmt: skip
     if cfg.topk is not None:
-        l_topk = topk_distill_loss(d_logits, t_logits, ones, k=cfg.topk.k)
+        l_topk = topk_distill_loss(log_q, target, ones)
         total = total + cfg.topk.weight * l_topk
         terms["loss/topk"] = l_topk.item()
     return total, terms
