@@ -131,7 +131,7 @@ def _add_generate(data) -> None:
     gen.add_argument("--max-tokens", type=int, default=512, help="per assistant turn")
     gen.add_argument("--max-turns", type=int, default=None, help="user turns per conversation")
     gen.add_argument("--max-model-len", type=int, default=2048)
-    gen.add_argument("--batch-size", type=int, default=64, help="conversations per vLLM call (and per resume unit)")
+    gen.add_argument("--batch-size", type=int, default=64, help="requests kept in flight (continuous batching)")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--compile", action="store_true",
                      help="let vLLM torch.compile the target: ~2 min more start-up, faster decoding (long runs)")  # fmt: skip

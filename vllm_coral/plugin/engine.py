@@ -21,19 +21,22 @@ from typing import Any
 
 from vllm_coral.plugin.metrics import SpecDecodeCounters
 
-__all__ = ["ChatRun", "engine_kwargs", "open_llm", "quiet_vllm_logs", "sampling_params", "timed_chat"]
+__all__ = ["ChatRun", "continuous_generate", "engine_kwargs", "open_llm", "quiet_vllm_logs", "sampling_params",
+           "timed_chat"]
 
 # A chat conversation in OpenAI message form: [{"role": "user", "content": "..."}, ...].
 Conversation = list[dict[str, str]]
 
 
 def quiet_vllm_logs() -> None:
-    """vLLM logs every engine start at INFO in every process (~60 lines per engine), which
-    drowns a benchmark's own table. Set before vLLM is imported, ``VLLM_LOGGING_LEVEL``
-    reaches the engine-core and worker processes too; a value the user set wins."""
+    """vLLM logs every engine start in every process (~60 INFO and ~12 WARNING lines per
+    engine on CPU, none of them about the run), which drowns the demo's and the
+    benchmark's own tables. Set before vLLM is imported, ``VLLM_LOGGING_LEVEL=ERROR``
+    reaches the engine-core and worker processes too; a value the user set wins
+    (``VLLM_LOGGING_LEVEL=INFO vllm-coral demo`` brings everything back)."""
     import os
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def sampling_params(**kwargs: Any) -> Any:
@@ -41,6 +44,47 @@ def sampling_params(**kwargs: Any) -> Any:
     from vllm import SamplingParams
 
     return SamplingParams(**kwargs)
+
+
+def continuous_generate(
+    llm: Any,
+    next_request: Callable[[], tuple[str, list[int], Any] | None],
+    on_finished: Callable[[str, Any], None],
+    max_in_flight: int,
+) -> None:
+    """Keep up to ``max_in_flight`` requests running in the engine until ``next_request``
+    runs dry and all have finished.
+
+    ``next_request()`` returns (key, prompt token ids, SamplingParams) or None (nothing to
+    add now); ``on_finished(key, completion)`` gets each finished request's first
+    completion (``.text``, ``.token_ids``, ``.finish_reason``) and may make new requests
+    available, e.g. a conversation's next turn. Unlike one ``llm.chat`` call per batch, a
+    finished request's slot is refilled at the next engine step, so the batch never
+    drains while its longest request finishes (continuous batching, as ``vllm serve``)."""
+    engine = llm.llm_engine
+    keys: dict[str, str] = {}
+    counter = 0
+
+    def refill() -> None:
+        nonlocal counter
+        while len(keys) < max_in_flight:
+            request = next_request()
+            if request is None:
+                return
+            key, prompt_ids, params = request
+            counter += 1
+            # outputs carry the id given here; add_request returns vLLM's internal one (+ a suffix)
+            engine.add_request(f"vllm-coral-{counter}", {"prompt_token_ids": prompt_ids}, params)
+            keys[f"vllm-coral-{counter}"] = key
+
+    refill()
+    while keys:
+        for out in engine.step():
+            if out.finished and out.request_id in keys:
+                on_finished(keys.pop(out.request_id), out.outputs[0])
+        if keys and not engine.has_unfinished_requests():
+            raise RuntimeError(f"vLLM finished every request but {len(keys)} never reported back")
+        refill()
 
 
 def engine_kwargs(

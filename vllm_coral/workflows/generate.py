@@ -15,13 +15,17 @@ Determinism: prompts are shuffled with ``seed`` before ``max_samples`` is taken;
 request's sampling seed derives from (seed, prompt id), so results do not depend on batch
 composition. At the default T=0 the output is the target's greedy text.
 
-Resume: ids already present in the output files are skipped and new records are appended
-one batch at a time (flushed and fsynced), so a killed run loses at most the batch in
-flight; a rerun with the same arguments continues where it stopped.
+Resume: ids already present in the output files are skipped and each conversation is
+appended when its last turn is answered (fsynced every 16), so a killed run loses only the
+conversations in flight; a rerun with the same arguments continues where it stopped.
 
-Turns: turn i+1 is asked only after the target has answered turn i in the same batch.
-A conversation stops early (keeping its complete turns) when the next prompt plus
-``max_tokens`` would not fit in ``max_model_len``.
+Scheduling: continuous batching (``vllm_coral.plugin.engine.continuous_generate``) with
+``batch_size`` requests in flight; a conversation's turn i+1 is queued, ahead of new
+conversations, as soon as the target has answered turn i (so every turn sees the
+target's own earlier answers). A conversation stops early (keeping its complete turns)
+when the next prompt plus ``max_tokens`` would not fit in ``max_model_len``.
+On 64 multi-turn ShareGPT conversations (fp32, eager, 2 cores) it wrote the same tokens
+as the former one-call-per-turn batches in 157 s instead of 170 s (README, data section).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import os
 import random
 import sys
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,7 +119,7 @@ class GenerateOptions:
     # User turns answered per conversation (None: all).
     max_turns: int | None = None
     max_model_len: int = 2048
-    # Conversations per vLLM call, and per resume unit.
+    # Requests kept in flight (continuous batching: a finished one is replaced at once).
     batch_size: int = 64
     dtype: str = "auto"
     # False: let vLLM torch.compile the target (slower start, faster decoding).
@@ -144,7 +149,7 @@ def generate_dataset(target: str | Path, inputs: list[str], out: Path, opts: Gen
     """Regenerate every selected prompt's assistant turns; resumable (see the module docstring)."""
     from tqdm import tqdm
 
-    from vllm_coral.plugin.engine import engine_kwargs, open_llm
+    from vllm_coral.plugin.engine import continuous_generate, engine_kwargs, open_llm
 
     opts = opts or GenerateOptions()
     prompts, paths, reports, duplicates = _select_prompts(inputs, opts)
@@ -159,58 +164,90 @@ def generate_dataset(target: str | Path, inputs: list[str], out: Path, opts: Gen
     print(f"{len(prompts)} prompts selected, {len(done)} already done, {len(todo)} to generate", file=sys.stderr)
     if not todo:
         return _finish(manifest, files, out)
-    handles = {split: open(path, "a") for split, path in files.items()}
     kwargs = engine_kwargs(target, dtype=opts.dtype, max_model_len=opts.max_model_len, seed=opts.seed,
                            enforce_eager=opts.enforce_eager)  # fmt: skip
-    try:
-        with open_llm(**kwargs) as llm:
-            bar = tqdm(total=len(todo), desc="generate", unit="conv", file=sys.stderr)
-            for start in range(0, len(todo), opts.batch_size):
-                batch = todo[start : start + opts.batch_size]
-                for p, conv, fin in zip(batch, *_answer_batch(llm, batch, opts)):
-                    if not any(m["role"] == "assistant" for m in conv):
-                        continue  # even the first turn did not fit
-                    split = "heldout" if is_heldout(p.id, opts.heldout_fraction, opts.seed) else "train"
-                    handles[split].write(json.dumps({"id": p.id, "messages": conv, "finish": fin}) + "\n")
-                for h in handles.values():
-                    h.flush()
-                    os.fsync(h.fileno())
-                bar.update(len(batch))
-            bar.close()
-    finally:
-        for h in handles.values():
-            h.close()
+    with _Writer(files, opts) as writer, open_llm(**kwargs) as llm:
+        bar = tqdm(total=len(todo), desc="generate", unit="conv", file=sys.stderr)
+        turns = _Turns(todo, llm.get_tokenizer(), opts, writer, bar)
+        continuous_generate(llm, turns.next_request, turns.on_finished, max_in_flight=opts.batch_size)
+        bar.close()
     return _finish(manifest, files, out)
 
 
-def _answer_batch(llm, batch: list[Prompt], opts: GenerateOptions) -> tuple[list[list[dict]], list[list[str]]]:
-    """Answer the batch's turns in order (turn i+1 asked after turn i); (conversations, finish reasons)."""
-    from vllm_coral.plugin.engine import sampling_params
+class _Writer:
+    """Appends finished conversations to train/heldout.jsonl, fsynced every few records, so
+    a kill loses at most those and the conversations in flight (regenerated on resume)."""
 
-    tokenizer = llm.get_tokenizer()
-    convs = [[{"role": "system", "content": p.system}] if p.system else [] for p in batch]
-    finish: list[list[str]] = [[] for _ in batch]
-    active = list(range(len(batch)))
-    turns = max(len(p.turns) for p in batch)
-    for turn in range(min(turns, opts.max_turns or turns)):
-        asks = []
-        for i in active:
-            if turn >= len(batch[i].turns):
-                continue
-            trial = convs[i] + [{"role": "user", "content": batch[i].turns[turn]}]
-            text = tokenizer.apply_chat_template(trial, add_generation_prompt=True, tokenize=False)
-            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) + opts.max_tokens <= opts.max_model_len:
-                asks.append((i, trial))
-        if not asks:
-            break
-        params = [sampling_params(temperature=opts.temperature, max_tokens=opts.max_tokens,
-                                  seed=_request_seed(opts.seed, batch[i].id, turn)) for i, _ in asks]  # fmt: skip
-        outputs = llm.chat([c for _, c in asks], params, use_tqdm=False)
-        for (i, trial), o in zip(asks, outputs):
-            convs[i] = trial + [{"role": "assistant", "content": o.outputs[0].text}]
-            finish[i].append(o.outputs[0].finish_reason or "")
-        active = [i for i, _ in asks]
-    return convs, finish
+    def __init__(self, files: dict[str, Path], opts: GenerateOptions, sync_every: int = 16) -> None:
+        self.files, self.opts, self.sync_every, self.pending = files, opts, sync_every, 0
+
+    def __enter__(self) -> _Writer:
+        self.handles = {split: open(path, "a") for split, path in self.files.items()}
+        return self
+
+    def write(self, prompt: Prompt, conv: list[dict], finish: list[str]) -> None:
+        split = "heldout" if is_heldout(prompt.id, self.opts.heldout_fraction, self.opts.seed) else "train"
+        self.handles[split].write(json.dumps({"id": prompt.id, "messages": conv, "finish": finish}) + "\n")
+        self.pending += 1
+        if self.pending >= self.sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        for h in self.handles.values():
+            h.flush()
+            os.fsync(h.fileno())
+        self.pending = 0
+
+    def __exit__(self, *exc) -> None:
+        self.sync()
+        for h in self.handles.values():
+            h.close()
+
+
+class _Turns:
+    """Which request comes next: a conversation's next turn as soon as its previous answer
+    is in (turn i+1 always sees the target's own answer i), else a new conversation."""
+
+    def __init__(self, todo: list[Prompt], tokenizer, opts: GenerateOptions, writer: _Writer, bar) -> None:
+        self.todo, self.tokenizer, self.opts, self.writer, self.bar = deque(todo), tokenizer, opts, writer, bar
+        self.ready: deque = deque()  # (prompt, conversation so far + the user turn, finish reasons, turn, ids)
+        self.asked: dict[str, tuple] = {}
+
+    def _ask(self, p: Prompt, conv: list[dict], finish: list[str], turn: int) -> bool:
+        """Queue turn ``turn`` of ``p`` if it exists and fits in max_model_len."""
+        if turn >= len(p.turns) or (self.opts.max_turns is not None and turn >= self.opts.max_turns):
+            return False
+        trial = conv + [{"role": "user", "content": p.turns[turn]}]
+        text = self.tokenizer.apply_chat_template(trial, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) + self.opts.max_tokens > self.opts.max_model_len:
+            return False
+        self.ready.append((p, trial, finish, turn, ids))
+        return True
+
+    def next_request(self):
+        from vllm_coral.plugin.engine import sampling_params
+
+        while not self.ready and self.todo:
+            p = self.todo.popleft()
+            if not self._ask(p, [{"role": "system", "content": p.system}] if p.system else [], [], 0):
+                self.bar.update(1)  # even the first turn does not fit: nothing to write
+        if not self.ready:
+            return None
+        p, trial, finish, turn, ids = self.ready.popleft()
+        key = f"{p.id}\x00{turn}"
+        self.asked[key] = (p, trial, finish, turn)
+        params = sampling_params(temperature=self.opts.temperature, max_tokens=self.opts.max_tokens,
+                                 seed=_request_seed(self.opts.seed, p.id, turn))  # fmt: skip
+        return key, ids, params
+
+    def on_finished(self, key: str, completion) -> None:
+        p, trial, finish, turn = self.asked.pop(key)
+        conv = trial + [{"role": "assistant", "content": completion.text}]
+        finish = finish + [completion.finish_reason or ""]
+        if not self._ask(p, conv, finish, turn + 1):
+            self.writer.write(p, conv, finish)
+            self.bar.update(1)
 
 
 def _finish(manifest: dict, files: dict[str, Path], out: Path) -> dict:
