@@ -1,5 +1,7 @@
-"""Drafter training: data generation, feature extraction and trainers.
+"""Drafter training: feature extraction, streamed feature datasets, the one training loop
+(``loop``) and the recipes it runs (``unrolled``: EAGLE/HASS/CORAL, ``router``: CORAL's
+LM-head router), found through the drafter-family registry (``recipes``).
 
-Importing this package must not import vLLM (tests/test_layering.py checks it); the
-data-generation step that runs the target through vLLM imports it lazily.
+Importing this package must not import vLLM (tests/test_layering.py checks it); data
+generation through vLLM lives in ``vllm_coral.workflows.generate``.
 """
