@@ -71,3 +71,38 @@ def test_hidden_states_are_post_norm_last_layer(target_path, tmp_path):
     with torch.no_grad():
         logits = model(shard.input_ids[None].long()).logits[0]
     torch.testing.assert_close(shard.hidden @ model.lm_head.weight.T, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_aux_layers_are_the_residual_stream_entering_those_layers(target_path, tmp_path):
+    """aux layer i = transformers' hidden_states[i] (i layers done, before the final norm),
+    the value vLLM's EagleModelMixin hands an eagle3 drafter for layer id i."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_coral.training.dataset import FeatureDataset
+
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps(CONVS[0]) + "\n")
+    out = tmp_path / "feats"
+    extract_features(target_path, src, out, dtype="float32", aux_layers=(2, 15, 27))
+    data = FeatureDataset(out, 1024, 576, aux=True)
+    batch = data.collate([0], torch.Generator())
+    ids, _ = encode_conversation(AutoTokenizer.from_pretrained(target_path), CONVS[0]["messages"])
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = model.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    want = torch.cat([hs[2][0], hs[15][0], hs[27][0]], -1)
+    assert batch.aux.shape == (1, len(ids), 3 * 576) and data.aux_layers == (2, 15, 27)
+    torch.testing.assert_close(batch.aux[0], want)
+    assert not torch.allclose(hs[27][0], batch.feats[0])  # aux is pre-norm, feats post-norm
+    assert FeatureDataset(out, 1024, 576).collate([0], torch.Generator()).aux is None  # aux only when asked
+    with pytest.raises(ValueError, match="no aux-layer features"):
+        FeatureDataset(_plain(target_path, tmp_path), 1024, 576, aux=True)
+    with pytest.raises(ValueError, match=r"must be in \[0, 30\)"):
+        extract_features(target_path, src, tmp_path / "bad", aux_layers=(30,))
+
+
+def _plain(target_path, tmp_path):
+    src = tmp_path / "plain.jsonl"
+    src.write_text(json.dumps(CONVS[1]) + "\n")
+    extract_features(target_path, src, tmp_path / "plain", dtype="float32")
+    return tmp_path / "plain"

@@ -56,7 +56,7 @@ def _cmd_data_features(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{source} does not exist (run 'vllm-coral data generate' first)")
         summary = extract_features(
             target, source, args.out / split, dtype=args.dtype, max_length=args.max_length,
-            shard_tokens=args.shard_tokens, max_samples=args.max_samples,
+            shard_tokens=args.shard_tokens, max_samples=args.max_samples, aux_layers=tuple(args.aux_layers),
         )  # fmt: skip
         print(f"{args.out / split}: {summary}")
     return 0
@@ -148,6 +148,8 @@ def _add_features(data) -> None:
     feats.add_argument("--max-length", type=int, default=2048, help="tokens per conversation (truncated)")
     feats.add_argument("--shard-tokens", type=int, default=200_000, help="tokens per shard (bounds memory)")
     feats.add_argument("--max-samples", type=int, default=None)
+    feats.add_argument("--aux-layers", type=int, nargs="+", default=[],
+                       help="also store the residual stream entering these layers (EAGLE-3 inputs; e.g. 2 15 27)")  # fmt: skip
     feats.set_defaults(func=_cmd_data_features)
 
 

@@ -34,9 +34,13 @@ class Batch:
     feats: torch.Tensor
     # Seeded per (step, rank): recipes draw their noise from it, so resumed runs repeat it.
     generator: torch.Generator
+    # [B, S, k*H] the residual stream entering the features' aux layers (EAGLE-3 inputs),
+    # float32; None unless the dataset was opened with aux=True.
+    aux: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.ids.to(device), self.mask.to(device), self.feats.to(device), self.generator)
+        aux = None if self.aux is None else self.aux.to(device)
+        return Batch(self.ids.to(device), self.mask.to(device), self.feats.to(device), self.generator, aux)
 
 
 @dataclass(frozen=True)
@@ -49,14 +53,18 @@ class _Item:
 class FeatureDataset:
     """Trainable sequences (>= 3 tokens with a scored token from index 2 on) of a features folder."""
 
-    def __init__(self, folder: str | Path, max_seq_len: int, hidden_size: int) -> None:
+    def __init__(self, folder: str | Path, max_seq_len: int, hidden_size: int, *, aux: bool = False) -> None:
         self.folder = Path(folder)
+        self.aux = aux
         index_path = self.folder / "index.json"
         try:
             index = json.loads(index_path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{index_path}: unreadable features index ({e}); run `vllm-coral data features`") from None
         self.files = [self.folder / entry["file"] for entry in index["shards"]]
+        self.aux_layers = tuple(index.get("config", {}).get("aux_layers", ()))
+        if aux and not self.aux_layers:
+            raise ValueError(f"{self.folder}: no aux-layer features; extract them with `data features --aux-layers ...`")
         self._ids: list[torch.Tensor] = []
         self._mask: list[torch.Tensor] = []
         self.items: list[_Item] = []
@@ -93,12 +101,12 @@ class FeatureDataset:
         it = self.items[i]
         return self._ids[it.shard][it.start : it.start + it.length], self._mask[it.shard][it.start : it.start + it.length]
 
-    def hidden(self, i: int) -> torch.Tensor:
-        """[L, H] features of sequence i, read from the memory-mapped shard."""
+    def hidden(self, i: int, name: str = "hidden") -> torch.Tensor:
+        """[L, H] features of sequence i (or ``aux_hidden`` [L, k*H]), read from the memory-mapped shard."""
         it = self.items[i]
         if it.shard not in self._handles:
             self._handles[it.shard] = safe_open(str(self.files[it.shard]), framework="pt")
-        return self._handles[it.shard].get_slice("hidden")[it.start : it.start + it.length]
+        return self._handles[it.shard].get_slice(name)[it.start : it.start + it.length]
 
     def collate(self, indices: list[int], generator: torch.Generator) -> Batch:
         S = max(self.items[i].length for i in indices)
@@ -115,7 +123,12 @@ class FeatureDataset:
             ids[r, : len(x)] = x.long()
             mask[r, : len(x)] = m.float()
             feats[r, : len(x)] = f.float()
-        return Batch(ids, mask, feats, generator)
+        aux = None
+        if self.aux:
+            aux = torch.zeros(len(indices), S, len(self.aux_layers) * H)
+            for r, i in enumerate(indices):
+                aux[r, : self.items[i].length] = self.hidden(i, "aux_hidden").float()
+        return Batch(ids, mask, feats, generator, aux)
 
 
 def token_batches(lengths: list[int], batch_tokens: int, order: list[int]) -> list[list[int]]:

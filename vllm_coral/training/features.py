@@ -8,10 +8,18 @@ message beyond the generation prompt. The target (HF transformers, fp32) runs ov
 whole sequence once and ``last_hidden_state`` (after the final RMSNorm) is stored: that is
 the feature vLLM hands an EAGLE drafter (checked by tests/vllm/test_feature_fidelity.py).
 
+Optionally (``aux_layers``, EAGLE-3's inputs) the residual stream entering each listed
+layer is stored too, concatenated as ``aux_hidden`` [N, len(aux_layers) * H]: layer id i
+is the sum hidden + residual after i decoder layers (0 = the embeddings), which is what
+vLLM hands an ``eagle3`` drafter (``EagleModelMixin._maybe_add_hidden_state``: the value
+at ``layer_idx`` = i after i layers) and what transformers returns as
+``hidden_states[i]`` for i < num_layers. vLLM's default for Llama is (2, L // 2, L - 3).
+
 Layout of the output folder::
 
     shard_00000.safetensors   input_ids [N] int32, loss_mask [N] uint8,
-                              hidden [N, H] (--dtype), offsets [S+1] int64
+                              hidden [N, H] (--dtype), offsets [S+1] int64,
+                              aux_hidden [N, k*H] (--dtype; only with aux_layers)
     index.json                {"shards": [{"file", "ids": [...], "tokens"}], "config": {...}}
 
 Memory is bounded by ``shard_tokens``: a shard is written (to a temporary name, then
@@ -91,12 +99,16 @@ class _ShardWriter:
         self.ids: list[torch.Tensor] = []
         self.mask: list[torch.Tensor] = []
         self.hidden: list[torch.Tensor] = []
+        self.aux: list[torch.Tensor] = []
         self.conv_ids: list[str] = []
 
-    def add(self, conv_id: str, ids: list[int], mask: list[int], hidden: torch.Tensor) -> None:
+    def add(self, conv_id: str, ids: list[int], mask: list[int], hidden: torch.Tensor,
+            aux: torch.Tensor | None = None) -> None:  # fmt: skip
         self.ids.append(torch.tensor(ids))
         self.mask.append(torch.tensor(mask))
         self.hidden.append(hidden.to(self.dtype))
+        if aux is not None:
+            self.aux.append(aux.to(self.dtype))
         self.conv_ids.append(conv_id)
         if sum(len(x) for x in self.ids) >= self.shard_tokens:
             self.flush()
@@ -108,13 +120,15 @@ class _ShardWriter:
         offsets = torch.tensor([0] + [len(x) for x in self.ids]).cumsum(0)
         tensors = {"input_ids": torch.cat(self.ids).to(torch.int32), "loss_mask": torch.cat(self.mask).to(torch.uint8),
                    "hidden": torch.cat(self.hidden), "offsets": offsets.to(torch.int64)}  # fmt: skip
+        if self.aux:
+            tensors["aux_hidden"] = torch.cat(self.aux)
         save_file(tensors, str(self.out / (name + ".tmp")))
         os.replace(self.out / (name + ".tmp"), self.out / name)
         self.index["shards"].append({"file": name, "ids": list(self.conv_ids), "tokens": int(offsets[-1])})
         tmp = self.out / "index.json.tmp"
         tmp.write_text(json.dumps(self.index) + "\n")
         os.replace(tmp, self.out / "index.json")
-        for buf in (self.ids, self.mask, self.hidden, self.conv_ids):
+        for buf in (self.ids, self.mask, self.hidden, self.aux, self.conv_ids):
             buf.clear()
 
 
@@ -138,6 +152,7 @@ def extract_features(
     max_length: int = 2048,
     shard_tokens: int = 200_000,
     max_samples: int | None = None,
+    aux_layers: tuple[int, ...] = (),
 ) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,6 +162,8 @@ def extract_features(
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {"shards": []}
     config = dict(target=Path(target).name, source=Path(conversations).name, dtype=dtype, max_length=max_length)
+    if aux_layers:
+        config["aux_layers"] = list(aux_layers)
     if index.get("config", config) != config:
         raise ValueError(f"{out}: holds features made with {index['config']}, not {config}; use a new folder")
     index["config"] = config
@@ -155,6 +172,9 @@ def extract_features(
 
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    layers = model.config.num_hidden_layers
+    if any(not 0 <= i < layers for i in aux_layers):
+        raise ValueError(f"aux layers {list(aux_layers)} must be in [0, {layers}) for this target")
     writer = _ShardWriter(out, index, store_dtype, shard_tokens)
     skipped = 0
     with torch.inference_mode():
@@ -164,7 +184,9 @@ def extract_features(
             if not any(mask):
                 skipped += 1
                 continue
-            writer.add(record["id"], ids, mask, model.model(torch.tensor([ids])).last_hidden_state[0])
+            run = model.model(torch.tensor([ids]), output_hidden_states=bool(aux_layers))
+            aux = torch.cat([run.hidden_states[i][0] for i in aux_layers], -1) if aux_layers else None
+            writer.add(record["id"], ids, mask, run.last_hidden_state[0], aux)
         writer.flush()
     tokens = sum(e["tokens"] for e in index["shards"])
     return dict(shards=len(index["shards"]), conversations=len(done) + len(todo) - skipped, tokens=tokens, skipped=skipped)
