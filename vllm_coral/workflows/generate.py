@@ -162,8 +162,9 @@ def generate_dataset(target: str | Path, inputs: list[str], out: Path, opts: Gen
     manifest = dict(target=Path(target).name, inputs=[p.name for p in paths], parse_reports=reports,
                     duplicates_dropped=duplicates, options=asdict(opts))  # fmt: skip
     print(f"{len(prompts)} prompts selected, {len(done)} already done, {len(todo)} to generate", file=sys.stderr)
+    _finish(manifest, files, out)  # written now too: a run cut short still says how it was made
     if not todo:
-        return _finish(manifest, files, out)
+        return manifest
     kwargs = engine_kwargs(target, dtype=opts.dtype, max_model_len=opts.max_model_len, seed=opts.seed,
                            enforce_eager=opts.enforce_eager)  # fmt: skip
     with _Writer(files, opts) as writer, open_llm(**kwargs) as llm:
@@ -251,6 +252,6 @@ class _Turns:
 
 
 def _finish(manifest: dict, files: dict[str, Path], out: Path) -> dict:
-    manifest["counts"] = {split: sum(1 for _ in open(path)) for split, path in files.items()}
+    manifest["counts"] = {split: sum(1 for _ in open(path)) if path.exists() else 0 for split, path in files.items()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
