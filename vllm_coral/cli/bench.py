@@ -147,7 +147,7 @@ def add_bench_commands(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    demo = sub.add_parser("demo", help="target alone vs self-drafting draft_model in vLLM")
+    demo = sub.add_parser("demo", help="the target alone vs self-drafting and the committed drafters, in vLLM (T=0)")
     demo.add_argument("--target", default="smollm2-135m")
     demo.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     demo.add_argument("--max-tokens", type=int, default=128)
