@@ -110,3 +110,14 @@ def test_report_cli_merges_runs(tmp_path, capsys):
     assert "## Served" in (tmp_path / "all" / "summary.md").read_text()
     assert main(["bench", "report", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "x")]) == 2
     assert "vllm-coral: error:" in capsys.readouterr().err
+
+
+def test_results_hold_no_absolute_paths():
+    from vllm_coral.workflows.bench.report import portable
+
+    got = portable({"meta": {"command": "vllm-coral bench offline --out /abs/x/r/off --k 3"},
+                    "rows": [{"speculative_config": {"model": "/abs/checkpoints/smollm2-135m/eagle"}, "tau": 1.5}],
+                    "text": "a/b relative", "n": 3})  # fmt: skip
+    assert got == {"meta": {"command": "vllm-coral bench offline --out r/off --k 3"},
+                   "rows": [{"speculative_config": {"model": "smollm2-135m/eagle"}, "tau": 1.5}],
+                   "text": "a/b relative", "n": 3}  # fmt: skip

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vllm_coral.models.checkpoint import portable_path
 from vllm_coral.workflows.bench.plots import plot_acceptance, plot_serve, plot_speedup, plot_tau
 from vllm_coral.workflows.bench.plots import row_label as _label
 
@@ -37,6 +38,7 @@ __all__ = [
     "git_sha",
     "load_runs",
     "now_utc",
+    "portable",
     "run_metadata",
     "step_cost",
     "write_report",
@@ -96,10 +98,23 @@ def git_sha(*, mark_dirty: bool = True) -> str:
     return (sha or "unknown") + ("+dirty" if dirty else "")
 
 
+def portable(value):
+    """``value`` with every absolute path in it (strings, also inside a command line) made
+    portable (``vllm_coral.models.checkpoint.portable_path``): results are committed and
+    read on other machines."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and "/" in value:
+        return " ".join(portable_path(w) if w.startswith("/") else w for w in value.split(" "))
+    return value
+
+
 def write_run(out: Path, kind: str, rows: list, config: dict, meta: dict) -> Path:
     """``out/bench_<kind>.json``, ``.md`` and this run's plots; returns the JSON path."""
     out.mkdir(parents=True, exist_ok=True)
-    run = {"kind": kind, "meta": meta, "config": config, "rows": [r.to_dict() for r in rows]}
+    run = portable({"kind": kind, "meta": meta, "config": config, "rows": [r.to_dict() for r in rows]})
     path = out / f"bench_{kind}.json"
     path.write_text(json.dumps(run, indent=1, ensure_ascii=False) + "\n")
     write_report([run], out, summary_name=f"bench_{kind}.md")
