@@ -157,7 +157,7 @@ def read_prompts(path: str | Path, report: ParseReport | None = None) -> list[Pr
         for i, record in iter_json_array(text, report):
             add(record, f"{path.stem}:{i}", f"{path.name} record {i}")
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

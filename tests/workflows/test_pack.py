@@ -14,8 +14,9 @@ def _write(path, records):
 
 
 def _conv(i):
-    return {"id": f"c{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "é"}],
-            "finish": ["stop"]}  # fmt: skip
+    # U+2028 and U+0085 are line breaks to str.splitlines(), not to JSON lines
+    return {"id": f"c{i}", "messages": [{"role": "user", "content": f"q{i}\u2028x\x85"},
+                                        {"role": "assistant", "content": "é"}], "finish": ["stop"]}  # fmt: skip
 
 
 def test_pack_appends_only_new_conversations_and_round_trips(tmp_path):
@@ -35,7 +36,8 @@ def test_pack_appends_only_new_conversations_and_round_trips(tmp_path):
 
     back = tmp_path / "back"
     assert unpack_dataset(ds, back) == {"train": 5, "heldout": 1}
-    assert [json.loads(x) for x in (back / "train.jsonl").read_text().splitlines()] == [_conv(i) for i in range(5)]
+    lines = (back / "train.jsonl").read_text().split("\n")
+    assert [json.loads(x) for x in lines if x] == [_conv(i) for i in range(5)]
     assert json.loads((back / "manifest.json").read_text()) == {"options": {"max_tokens": 384}}
     with pytest.raises(ValueError, match="exists; unpack into a new folder"):
         unpack_dataset(ds, back)

@@ -59,7 +59,8 @@ def _iter_parts(dataset: Path, manifest: dict):
         if _sha256(path) != part["sha256"]:
             raise ValueError(f"{path}: sha256 differs from manifest.json (corrupted or edited)")
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
+            # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, ... inside JSON strings
+            lines = [line for line in f.read().split("\n") if line.strip()]
         if len(lines) != part["count"]:
             raise ValueError(f"{path}: {len(lines)} conversations, manifest.json says {part['count']}")
         yield lines
@@ -78,7 +79,7 @@ def pack_dataset(data: Path, dataset: Path) -> dict:
         if not source.exists():
             continue
         new = []
-        for line in source.read_text(encoding="utf-8").splitlines():
+        for line in source.read_text(encoding="utf-8").split("\n"):
             try:
                 record = json.loads(line)
             except ValueError:
