@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from vllm_coral.models.checkpoint import portable_path
 from vllm_coral.models.target import TargetHead
 from vllm_coral.training.dataset import FeatureDataset, epoch_batches
 from vllm_coral.training.recipes import knob
@@ -255,7 +256,10 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
         resume: bool = False, progress: bool = True, meta: dict | None = None) -> dict:  # fmt: skip
     """Train ``recipe`` with config ``cfg``; returns a summary. Alone or under torchrun."""
     out = Path(out)
-    r = _setup(recipe, cfg, loop, target, features, out, resume, dict(meta or {}))
+    # provenance handed to every recipe's export: made portable once, here (checkpoints are
+    # committed and read on other machines)
+    meta = {k: portable_path(v) if k in ("target", "features") else v for k, v in (meta or {}).items()}
+    r = _setup(recipe, cfg, loop, target, features, out, resume, meta)
     main = r.rt.rank == 0
     writer = bar = None
     if main:

@@ -160,8 +160,7 @@ def _loss(cfg: RouterConfig, bank: RouterBank, head: TargetHead, batch: Batch):
 
 def _export(cfg: RouterConfig, bank: RouterBank, head, out: Path, training: dict) -> list[Path]:
     written = []
-    meta = {k: (portable_path(v) if k in ("target", "features") else v) for k, v in training.items()}
-    meta.update(drafter=portable_path(cfg.drafter), drafter_recipe=bank.drafter_recipe)
+    meta = dict(training, drafter=portable_path(cfg.drafter), drafter_recipe=bank.drafter_recipe)
     for name, router in bank.routers.items():
         for k in cfg.top_k:
             coral = CoralDrafter.from_eagle(bank.drafter, bank.partitions[name], k)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from vllm_coral.models.checkpoint import portable_path
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
 from vllm_coral.models.registry import save_drafter
 from vllm_coral.training.losses import (
@@ -173,8 +172,7 @@ def _step_terms(cfg: UnrolledConfig, h, f_next, log_q, target, ones):
 
 def _exporter(name: str):
     def export(cfg, drafter: EagleDrafter, head, out: Path, training: dict) -> list[Path]:
-        meta = {k: (portable_path(v) if k in ("target", "features") else v) for k, v in training.items()}
-        return [save_drafter(drafter, out / "drafter", family="eagle", recipe=name, training=meta)]
+        return [save_drafter(drafter, out / "drafter", family="eagle", recipe=name, training=training)]
 
     return export
 
