@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_features(target_path, tmp_path_factory):
-    """Real SmolLM2 features of a dozen short synthetic conversations."""
+    """Real SmolLM2 features of a dozen short synthetic conversations (+ EAGLE-3 aux layers)."""
     from vllm_coral.training.features import extract_features
 
     root = tmp_path_factory.mktemp("tiny_features")
@@ -21,5 +21,5 @@ def tiny_features(target_path, tmp_path_factory):
     ]  # fmt: skip
     src = root / "train.jsonl"
     src.write_text("".join(json.dumps(c) + "\n" for c in convs))
-    extract_features(target_path, src, root / "train", dtype="float32", shard_tokens=400)
+    extract_features(target_path, src, root / "train", dtype="float32", shard_tokens=400, aux_layers=(2, 15, 27))
     return root / "train"

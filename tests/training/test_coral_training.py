@@ -24,8 +24,8 @@ ROUTER_LOOP = LoopConfig(**ROUTER.loop_defaults)
 
 def train_router(target, drafter, features, out, cfg: RouterConfig, loop: LoopConfig, *, heldout_features=None,
                  resume=False):  # fmt: skip
-    cfg = replace(cfg, drafter=str(drafter), heldout_features=None if heldout_features is None else str(heldout_features))
-    return run(ROUTER, cfg, loop, target, features, out, resume=resume, progress=False)
+    cfg = replace(cfg, drafter=str(drafter))
+    return run(ROUTER, cfg, loop, target, features, out, resume=resume, progress=False, heldout=heldout_features)
 
 
 def test_coral_preset_is_hass_plus_csra():

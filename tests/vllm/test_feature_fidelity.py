@@ -63,7 +63,7 @@ def test_features_match_vllm_drafter_inputs(target_path, tmp_path, monkeypatch):
     extract_features(target_path, conversations, tmp_path / "feats", dtype="float32")
     (shard,) = list(iter_shards(tmp_path / "feats"))
 
-    calls = [load_file(str(p)) for p in sorted(record_dir.glob("*.safetensors"))]
+    calls = [load_file(str(p)) for p in sorted(record_dir.glob("call_*.safetensors"))]
     tok = AutoTokenizer.from_pretrained(target_path)
     for (ids, mask, feats), prompt in zip(shard.sequences(), PROMPTS):
         prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)

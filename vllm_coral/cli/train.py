@@ -30,6 +30,8 @@ def add_train_commands(sub) -> None:
         t.add_argument("--features", type=Path, required=True, help="features folder of the train split")
         t.add_argument("--out", type=Path, required=True, help="run folder; checkpoints land under it")
         t.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+        t.add_argument("--heldout-features", type=Path, default=None,
+                       help="features of the held-out split: scored with the recipe's loss (heldout.json)")
         recipe_flags = t.add_argument_group(f"{name} recipe")
         add_config_flags(recipe_flags, recipe.config_cls, recipe.preset, dest="recipe")
         loop_flags = t.add_argument_group("training loop")
@@ -47,11 +49,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     loop = config_from_args(args, LoopConfig(**recipe.loop_defaults), dest="loop")
     target = resolve_target(args.target)
     meta = dict(target=args.target, features=str(args.features))
-    summary = run(recipe, cfg, loop, target, args.features, args.out, resume=args.resume, meta=meta)
+    summary = run(recipe, cfg, loop, target, args.features, args.out, resume=args.resume, meta=meta,
+                  heldout=args.heldout_features)
     if int(os.environ.get("RANK", "0")) == 0:
         for key, m in summary.get("heldout", {}).items():
             print(f"{key}: held-out mass {m['mass']:.3f}, target top-1 in groups {m['target_top1']:.3f}, "
                   f"greedy draft kept {m['draft_top1']:.3f}")  # fmt: skip
+        if "eval" in summary:
+            tops = {k.split("_")[-1]: v for k, v in summary["eval"].items() if k.startswith("acc/top1")}
+            print("held-out top-1: " + ", ".join(f"{k} {v:.3f}" for k, v in tops.items()))
         for path in summary["checkpoints"]:
             print(f"drafter: {path}")
         print(f"{args.out}: {summary['steps']} steps on {summary['device']}, {summary['seconds']:.0f} s, "

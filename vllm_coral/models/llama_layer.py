@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LlamaLayerShape", "RMSNorm", "LlamaDecoderLayer", "rope_cos_sin"]
+__all__ = ["Attention", "LlamaDecoderLayer", "LlamaLayerShape", "MLP", "RMSNorm", "rope_cos_sin"]
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,16 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
-class _Attention(nn.Module):
-    def __init__(self, s: LlamaLayerShape) -> None:
+class Attention(nn.Module):
+    """GQA self-attention; ``input_size`` is the width it reads (EAGLE-3's layer 0 reads 2H)."""
+
+    def __init__(self, s: LlamaLayerShape, input_size: int | None = None) -> None:
         super().__init__()
         self.s = s
-        self.q_proj = nn.Linear(s.hidden_size, s.num_attention_heads * s.head_dim, bias=False)
-        self.k_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, bias=False)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, bias=False)
+        n_in = input_size or s.hidden_size
+        self.q_proj = nn.Linear(n_in, s.num_attention_heads * s.head_dim, bias=False)
+        self.k_proj = nn.Linear(n_in, s.num_key_value_heads * s.head_dim, bias=False)
+        self.v_proj = nn.Linear(n_in, s.num_key_value_heads * s.head_dim, bias=False)
         self.o_proj = nn.Linear(s.num_attention_heads * s.head_dim, s.hidden_size, bias=False)
 
     def forward(
@@ -121,7 +124,7 @@ class _Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-class _MLP(nn.Module):
+class MLP(nn.Module):
     def __init__(self, s: LlamaLayerShape) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
@@ -137,9 +140,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, s: LlamaLayerShape) -> None:
         super().__init__()
-        self.self_attn = _Attention(s)
+        self.self_attn = Attention(s)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.mlp = _MLP(s)
+        self.mlp = MLP(s)
 
     def forward(
         self,

@@ -66,6 +66,7 @@ SCHEMA = 2
 BUILTIN_FAMILIES = (
     "vllm_coral.models.eagle:FAMILY",
     "vllm_coral.models.coral:FAMILY",
+    "vllm_coral.models.eagle3:FAMILY",
 )
 
 
@@ -87,6 +88,9 @@ class DrafterConfig(Protocol):
 
     def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The one weight-name map: checkpoint tensor name -> (shape, dtype)."""
+
+    # Optional: ``check_target(target_config)`` raising ValueError for family-specific
+    # mismatches beyond TARGET_FIELDS (EAGLE-3: an aux layer the target lacks).
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,12 @@ def check_target(where: str, config: Any, target_config: Mapping) -> None:
         if hf[key] != target_config.get(key):
             raise CheckpointError(f"{where}: drafter {key}={hf[key]} does not match the target's "
                                   f"{key}={target_config.get(key)}")  # fmt: skip
+    extra = getattr(config, "check_target", None)  # family-specific (e.g. EAGLE-3's aux layers)
+    if extra is not None:
+        try:
+            extra(target_config)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
 
 
 def validate_drafter(path: str | Path, target_config: Mapping | None = None) -> DrafterCheckpoint:

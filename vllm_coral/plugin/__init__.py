@@ -20,8 +20,11 @@ __all__ = ["model_architectures", "register"]
 
 logger = logging.getLogger("vllm_coral")
 
-# Not a drafter family: the feature-recording EAGLE drafter the feature-fidelity test serves.
-_TEST_ARCHITECTURES = {"EagleRecorderLlamaForCausalLM": "vllm_coral.plugin.recorder:EagleRecorderLlamaForCausalLM"}
+# Not drafter families: the recording EAGLE drafters the fidelity tests serve.
+_TEST_ARCHITECTURES = {
+    "EagleRecorderLlamaForCausalLM": "vllm_coral.plugin.recorder:EagleRecorderLlamaForCausalLM",
+    "Eagle3RecorderLlamaForCausalLM": "vllm_coral.plugin.recorder:Eagle3RecorderLlamaForCausalLM",
+}
 
 
 def model_architectures() -> dict[str, str]:

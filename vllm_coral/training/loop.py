@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from vllm_coral.models.checkpoint import portable_path
 from vllm_coral.models.target import TargetHead
 from vllm_coral.training.dataset import FeatureDataset, epoch_batches
+from vllm_coral.training.evaluate import evaluate
 from vllm_coral.training.recipes import knob
 
 __all__ = ["LoopConfig", "Runtime", "read_state", "run", "select_runtime", "warmup_cosine_lr", "write_state"]
@@ -59,6 +60,7 @@ class LoopConfig:
     dtype: str = knob("auto", "auto | float32 | bfloat16 autocast (auto: bf16 on CUDA)")
     save_every: int = knob(200, "write a checkpoint every this many steps")
     log_every: int = knob(10, "TensorBoard scalars every this many steps")
+    eval_every: int | None = knob(None, "score --heldout-features every this many steps (always at the end)")
     seed: int = knob(0, "data order, noise and initialisation")
 
     def __post_init__(self) -> None:
@@ -207,7 +209,7 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
     head = TargetHead.load(target).to(rt.device)
     if rt.autocast_dtype is not None:
         head = head.with_head_dtype(rt.autocast_dtype)
-    data = FeatureDataset(features, loop.max_seq_len, head.hidden_size)
+    data = FeatureDataset(features, loop.max_seq_len, head.hidden_size, aux=recipe.aux_features)
     module = recipe.build(cfg, head, data).to(rt.device)
     objective = _Objective(recipe, cfg, module, head)
     ddp_kw = {"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}
@@ -252,25 +254,46 @@ def _step(r: _Run, step: int) -> dict:
     return terms
 
 
+def _observers(r: _Run, progress: bool):
+    """(TensorBoard writer, tqdm bar or None) of rank 0."""
+    r.out.mkdir(parents=True, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(r.out / "tb"), purge_step=r.start)
+    if not progress:
+        return writer, None
+    from tqdm import tqdm
+
+    return writer, tqdm(total=r.total, initial=r.start, desc=f"train {r.recipe.name} ({r.rt.device.type})", file=sys.stderr)
+
+
+def _evaluate(r: _Run, heldout, step: int, writer) -> dict:
+    """Score the held-out features with the recipe's loss (rank 0); TensorBoard + heldout.json."""
+    scores = evaluate(r.recipe, r.cfg, r.module, r.head, heldout, max_seq_len=r.loop.max_seq_len,
+                      batch_tokens=r.loop.batch_tokens, device=r.rt.device, autocast=r.rt.autocast())  # fmt: skip
+    if writer is not None:
+        for k, v in scores.items():
+            writer.add_scalar(f"heldout/{k}", v, step)
+    path = r.out / "heldout.json"
+    history = json.loads(path.read_text())["history"] if path.exists() else []
+    history = [h for h in history if h["step"] < step] + [{"step": step, **scores}]
+    path.write_text(json.dumps({"features": portable_path(heldout), "history": history}, indent=2) + "\n")
+    return scores
+
+
 def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path, out: str | Path, *,
-        resume: bool = False, progress: bool = True, meta: dict | None = None) -> dict:  # fmt: skip
-    """Train ``recipe`` with config ``cfg``; returns a summary. Alone or under torchrun."""
+        resume: bool = False, progress: bool = True, meta: dict | None = None, heldout: str | Path | None = None) -> dict:  # fmt: skip
+    """Train ``recipe`` with config ``cfg``; returns a summary. Alone or under torchrun.
+
+    ``heldout``: a features folder scored with the recipe's own loss every ``loop.eval_every``
+    steps and at the end (``heldout.json``; ``summary["eval"]``), and handed to ``recipe.finish``."""
     out = Path(out)
     # provenance handed to every recipe's export: made portable once, here (checkpoints are
     # committed and read on other machines)
     meta = {k: portable_path(v) if k in ("target", "features") else v for k, v in (meta or {}).items()}
     r = _setup(recipe, cfg, loop, target, features, out, resume, meta)
     main = r.rt.rank == 0
-    writer = bar = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"), purge_step=r.start)
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=r.total, initial=r.start, desc=f"train {recipe.name} ({r.rt.device.type})", file=sys.stderr)
+    writer, bar = _observers(r, progress) if main else (None, None)
     terms: dict[str, float] = {}
     written: list[Path] = []
     t0, tokens = time.perf_counter(), 0
@@ -288,7 +311,12 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
             bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in list(terms.items())[:2]})
         if main and (done % loop.save_every == 0 or done == r.total):
             written = _save(r, done)
+        if main and heldout is not None and loop.eval_every and done % loop.eval_every == 0 and done < r.total:
+            t_eval = time.perf_counter()
+            _evaluate(r, heldout, done, writer)
+            t0 += time.perf_counter() - t_eval  # training throughput excludes scoring
     seconds = time.perf_counter() - t0
+    scores = _evaluate(r, heldout, r.total, writer) if main and heldout is not None else None
     for closable in (bar, writer):
         if closable is not None:
             closable.close()
@@ -297,8 +325,10 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
     summary = dict(steps=r.total, start_step=r.start, seconds=seconds, sequences=len(r.data), world_size=r.rt.world,
                    device=str(r.rt.device), tokens_per_second=tokens * r.rt.world / max(seconds, 1e-9), last=terms,
                    checkpoints=[str(p) for p in written])  # fmt: skip
+    if scores is not None:
+        summary["eval"] = scores
     if main:
-        summary.update(recipe.finish(r.cfg, r.module, r.head, out, loop) or {})
+        summary.update(recipe.finish(r.cfg, r.module, r.head, out, loop, heldout) or {})
     if r.rt.backend:
         dist.barrier()
     return summary

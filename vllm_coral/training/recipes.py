@@ -28,7 +28,7 @@ def knob(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-def _no_finish(cfg, module, head, out: Path, loop) -> dict:
+def _no_finish(cfg, module, head, out: Path, loop, heldout) -> dict:
     return {}
 
 
@@ -41,13 +41,17 @@ class Recipe:
     # The recipe's knobs: a frozen dataclass (CLI flags are generated from its fields).
     preset: Any
     # (cfg, head: TargetHead, data: FeatureDataset) -> the module to train (frozen parts inside).
+    # ``loss`` sees ``module.training`` False when it scores held-out data: no noise then.
     build: Callable[..., torch.nn.Module]
     # (cfg, module, head, batch: Batch) -> (loss tensor, {scalar name: float}).
     loss: Callable[..., tuple[torch.Tensor, dict]]
     # (cfg, module, head, out: Path, training: dict) -> checkpoint folders written.
     export: Callable[..., list[Path]]
-    # (cfg, module, head, out, loop) -> extra summary (e.g. held-out metrics), after training.
+    # (cfg, module, head, out, loop, heldout: features folder or None) -> extra summary
+    # (e.g. the router's held-out routing metrics), after training.
     finish: Callable[..., dict] = _no_finish
+    # Whether batches need the aux-layer features (EAGLE-3 inputs: ``data features --aux-layers``).
+    aux_features: bool = False
     # LoopConfig defaults that differ for this recipe (e.g. the router's learning rate).
     loop_defaults: Mapping[str, Any] = field(default_factory=dict)
     # One line for --help.

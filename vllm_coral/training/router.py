@@ -60,7 +60,6 @@ class RouterConfig:
     top_k: tuple[int, ...] = knob((2,), "groups computed per token k (one checkpoint per k)")
     unroll: int = knob(3, "drafting steps whose outputs feed the router")
     kmeans_iters: int = knob(10, "balanced k-means iterations (kmeans partition)")
-    heldout_features: str | None = knob(None, "features folder for held-out routing metrics")
 
     def __post_init__(self) -> None:
         for s in self.partitions:
@@ -170,11 +169,11 @@ def _export(cfg: RouterConfig, bank: RouterBank, head, out: Path, training: dict
     return written
 
 
-def _finish(cfg: RouterConfig, bank: RouterBank, head: TargetHead, out: Path, loop) -> dict:
-    if cfg.heldout_features is None:
+def _finish(cfg: RouterConfig, bank: RouterBank, head: TargetHead, out: Path, loop, heldout) -> dict:
+    if heldout is None:
         return {}
     bank.eval()
-    metrics = evaluate_routers(bank, head, cfg.top_k, cfg.heldout_features, unroll=cfg.unroll,
+    metrics = evaluate_routers(bank, head, cfg.top_k, heldout, unroll=cfg.unroll,
                                batch_tokens=loop.batch_tokens, max_seq_len=loop.max_seq_len)  # fmt: skip
     (out / "router_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "router_metrics.md").write_text(metrics_table(metrics, head.vocab_size))

@@ -128,9 +128,11 @@ def _loss(cfg: UnrolledConfig, drafter: EagleDrafter, head, batch):
     """All loss terms of one batch; returns (total, {name: value})."""
     ids, feats = batch.ids, batch.feats
     S = ids.shape[1] - 1  # index t in [0, S): inputs (x_{t+1}, f_t), target f_{t+1}
-    noise = (torch.rand(ids.shape[0], S, feats.shape[-1], generator=batch.generator) - 0.5) * cfg.noise_std
+    f_in, f_next = feats[:, :-1], feats[:, 1:]
+    if drafter.training:  # no noise when scoring held-out data
+        noise = (torch.rand(ids.shape[0], S, feats.shape[-1], generator=batch.generator) - 0.5) * cfg.noise_std
+        f_in = f_in + noise.to(feats.device)
     emb = head.embed_ids(ids[:, 1:])  # [B, S, H]
-    f_in, f_next = feats[:, :-1] + noise.to(feats.device), feats[:, 1:]
     weight = next_token_weight(batch.mask)
     keep = weight > 0
     with torch.no_grad():
