@@ -96,3 +96,40 @@ def test_unrolled_step_j_equals_inference_drafting_step_j(layers):
                     hidden = torch.cat([hidden, out[:, -1:]], dim=1)
                 _, out = model(emb[:, : t + 1], hidden, torch.arange(t + 1))
                 torch.testing.assert_close(steps[j][:, t], out[:, t], atol=2e-5, rtol=1e-5)
+
+
+def test_draft_vocabulary_round_trips_in_vllms_layout(tmp_path):
+    torch.manual_seed(0)
+    model = Eagle3Drafter(Eagle3Config.from_target(TARGET, draft_vocab_size=5))
+    W = torch.randn(300, 64)
+    model.set_draft_vocab(torch.tensor([7, 3, 250, 11, 0]), W)
+    tensors = model.checkpoint_tensors()
+    assert tensors["d2t"].tolist() == [0, 2, 5, 8, 246]  # target id - draft id, ids ascending
+    assert tensors["t2d"].nonzero().flatten().tolist() == [0, 3, 7, 11, 250]
+    assert torch.equal(tensors["lm_head.weight"], W[[0, 3, 7, 11, 250]])
+    path = save_drafter(model, tmp_path / "d", family="eagle3", recipe="eagle3")
+    loaded, ckpt = load_drafter(path, TARGET)
+    assert ckpt.config.draft_vocab_size == 5 and torch.equal(loaded.draft_ids, model.draft_ids)
+    h = torch.randn(2, 64)
+    torch.testing.assert_close(loaded.logits(h, _Head(W)), h @ W[[0, 3, 7, 11, 250]].T)
+    with pytest.raises(ValueError, match="5 distinct token ids"):
+        model.set_draft_vocab(torch.tensor([1, 1, 2, 3, 4]), W)
+
+
+def test_inconsistent_draft_vocabulary_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = Eagle3Drafter(Eagle3Config.from_target(TARGET, draft_vocab_size=5))
+    model.set_draft_vocab(torch.arange(5), torch.randn(300, 64))
+    path = save_drafter(model, tmp_path / "d", family="eagle3", recipe="eagle3")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["t2d"][299] = True
+    tensors["t2d"][0] = False
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="d2t and t2d name different draft vocabularies"):
+        load_drafter(path, TARGET)
+
+
+class _Head:
+    def __init__(self, W):
+        self.lm_head = W

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vllm_coral.models.registry import validate_drafter
+from vllm_coral.models.registry import load_drafter, validate_drafter
 from vllm_coral.training.evaluate import evaluate
 from vllm_coral.training.loop import LoopConfig, run
 from vllm_coral.training.ttt import EAGLE3, EAGLE3_CSRA, TTTConfig
@@ -40,6 +40,19 @@ def test_eagle3_learns_and_scores_heldout_per_step(target_path, tiny_features, t
     before = evaluate(EAGLE3, EAGLE3.preset, untrained, _head(target_path), tiny_features)
     assert scores["acc/top1_step1"] > before["acc/top1_step1"] + 0.2, (before, scores)
     assert scores["loss/ce_step1"] < before["loss/ce_step1"] - 1.0
+
+
+def test_a_draft_vocabulary_is_the_most_written_tokens(target_path, tiny_features, tmp_path):
+    cfg = replace(EAGLE3.preset, draft_vocab=64, unroll=2)
+    loop = replace(LOOP, epochs=2)
+    summary = run(EAGLE3, cfg, loop, target_path, tiny_features, tmp_path / "run", progress=False, heldout=tiny_features)
+    data = _data(tiny_features)
+    counts = data.token_counts(49152)
+    drafter, ckpt = load_drafter(tmp_path / "run" / "drafter", json.loads((target_path / "config.json").read_text()))
+    assert ckpt.config.draft_vocab_size == 64 and len(drafter.draft_ids) == 64
+    assert counts[drafter.draft_ids].min() >= counts.sort(descending=True).values[63]  # the 64 most written
+    assert torch.equal(drafter.draft_head, _head(target_path).lm_head[drafter.draft_ids])  # frozen target rows
+    assert 0.5 < summary["eval"]["acc/draft_vocab_mass"] <= 1.0
 
 
 def test_heldout_scoring_is_noise_free_and_repeatable(target_path, tiny_features):

@@ -32,14 +32,16 @@ from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
 PROMPT = "Write one sentence about rivers."
 
 
-def _random_eagle3(target_path, out, layers=1):
+def _random_eagle3(target_path, out, layers=1, draft_vocab=None):
     torch.manual_seed(0)
     model = Eagle3Drafter(Eagle3Config.from_target(json.loads((target_path / "config.json").read_text()),
-                                                   num_hidden_layers=layers))  # fmt: skip
+                                                   num_hidden_layers=layers, draft_vocab_size=draft_vocab))  # fmt: skip
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+    if draft_vocab:  # any distinct ids will do for plumbing: every other token of the vocabulary
+        model.set_draft_vocab(torch.arange(draft_vocab) * 2, TargetHead.load(target_path).lm_head)
     return model, save_drafter(model, out, family="eagle3", recipe="eagle3")
 
 
@@ -48,7 +50,8 @@ def test_plain_vllm_serves_our_eagle3_checkpoint_losslessly(target_path, target_
 
     from vllm_coral.plugin.engine import engine_kwargs, open_llm, timed_chat
 
-    _, ckpt = _random_eagle3(target_path, tmp_path / "eagle3-random", layers=2)
+    # two layers and a reduced draft vocabulary: vLLM's multi-layer and d2t paths
+    _, ckpt = _random_eagle3(target_path, tmp_path / "eagle3-random", layers=2, draft_vocab=8192)
     monkeypatch.setenv("VLLM_PLUGINS", "none")  # plain vLLM: no vllm-coral code in the engine
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -42,7 +42,7 @@ class CheckpointError(ValueError):
 
 # torch dtype -> the name a safetensors header gives it.
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-              torch.int32: "I32", torch.uint8: "U8"}  # fmt: skip
+              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
 
 # name -> (shape, dtype): what a checkpoint must hold.
 TensorSpecs = Mapping[str, tuple[tuple[int, ...], torch.dtype]]

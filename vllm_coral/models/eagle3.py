@@ -17,11 +17,20 @@ is what vLLM's ``Eagle3LlamaForCausalLM`` returns as its second output
 asked to match a target feature: the drafter has its own final norm and is trained on
 tokens only (``vllm_coral.training.ttt``).
 
+Reduced draft vocabulary (EAGLE-3's other speed lever, optional): the drafter scores only
+the ``draft_vocab_size`` tokens the target writes most often, with the rows of the target's
+LM head for those tokens (``lm_head.weight`` [Vd, H], frozen). Drafting and training cost
+then scale with Vd instead of V (SmolLM2: 49152 rows are 28M of a 33M-MAC drafting step);
+a token outside the draft vocabulary can never be proposed, so Vd trades acceptance for
+speed (the recipe study measures both). vLLM maps draft ids back with ``d2t`` [Vd]
+(``target_id - draft_id``, vLLM's offset convention) and ignores ``t2d`` [V] (bool).
+
 The checkpoint is what vLLM 0.32 loads for ``"method": "eagle3"``: ``fc.weight`` [H, kH],
-``layers.{i}.*`` (layer 0 with ``hidden_norm`` and 2H-wide q/k/v), ``norm.weight``; no
-embedding and no LM head, so vLLM shares the target's. ``config.json`` carries
-``eagle_aux_hidden_state_layer_ids`` (vLLM makes the target emit exactly those layers)
-and ``num_aux_hidden_states``.
+``layers.{i}.*`` (layer 0 with ``hidden_norm`` and 2H-wide q/k/v), ``norm.weight``, and
+with a draft vocabulary ``lm_head.weight``, ``d2t``, ``t2d``; no embedding, and without a
+draft vocabulary no LM head, so vLLM shares the target's. ``config.json`` carries
+``eagle_aux_hidden_state_layer_ids`` (vLLM makes the target emit exactly those layers),
+``num_aux_hidden_states`` and ``draft_vocab_size``.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ class Eagle3Config:
     aux_layers: tuple[int, ...]
     # Decoder layers of the drafter (EAGLE-3 ships 1).
     num_hidden_layers: int = 1
+    # Tokens the drafter can propose (None: the whole vocabulary, sharing the target's head).
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aux_layers", tuple(int(i) for i in self.aux_layers))
@@ -59,6 +70,9 @@ class Eagle3Config:
             raise ValueError(f"aux_layers must be non-empty target layer indices, got {list(self.aux_layers)}")
         if self.num_hidden_layers < 1:
             raise ValueError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size < self.layer.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [1, vocab_size={self.layer.vocab_size}), "
+                             f"got {self.draft_vocab_size}")  # fmt: skip
 
     @property
     def torch_dtype(self) -> str:
@@ -69,11 +83,16 @@ class Eagle3Config:
         return self.layer.hidden_size
 
     @classmethod
-    def from_target(cls, target_config: dict, *, aux_layers=None, num_hidden_layers: int = 1, **overrides) -> Eagle3Config:
+    def from_target(cls, target_config: dict, *, aux_layers=None, num_hidden_layers: int = 1,
+                    draft_vocab_size: int | None = None, **overrides) -> Eagle3Config:  # fmt: skip
         """Drafter config for a target; ``aux_layers`` defaults to vLLM's (2, L//2, L-3)."""
         n = target_config["num_hidden_layers"]
         aux = tuple(aux_layers) if aux_layers is not None else (2, n // 2, n - 3)
-        return cls(EagleConfig.from_target(target_config, **overrides), aux, num_hidden_layers)
+        return cls(EagleConfig.from_target(target_config, **overrides), aux, num_hidden_layers, draft_vocab_size)
+
+    @property
+    def head_rows(self) -> int:
+        return self.draft_vocab_size or self.layer.vocab_size
 
     def check_target(self, target_config: Mapping) -> None:
         """ValueError when an aux layer does not exist in the target."""
@@ -85,7 +104,7 @@ class Eagle3Config:
         """(config.json fields vLLM's eagle3 loader reads, family fields: none)."""
         hf, _ = self.layer.to_checkpoint()
         hf.update(num_hidden_layers=self.num_hidden_layers, num_aux_hidden_states=len(self.aux_layers),
-                  draft_vocab_size=self.layer.vocab_size, target_hidden_size=self.layer.hidden_size)  # fmt: skip
+                  draft_vocab_size=self.head_rows, target_hidden_size=self.layer.hidden_size)  # fmt: skip
         hf[_AUX] = list(self.aux_layers)
         return hf, {}
 
@@ -98,10 +117,10 @@ class Eagle3Config:
             raise ValueError(f"config.json lacks {_AUX}")
         if hf.get("num_aux_hidden_states", len(aux)) != len(aux):
             raise ValueError(f"num_aux_hidden_states={hf['num_aux_hidden_states']} but {len(aux)} aux layers")
-        if hf.get("draft_vocab_size", hf.get("vocab_size")) != hf.get("vocab_size"):
-            raise ValueError("a reduced draft vocabulary (draft_vocab_size != vocab_size) is not supported")
         layer = EagleConfig.from_checkpoint({**hf, "num_hidden_layers": 1}, {})
-        return cls(layer, tuple(aux), int(hf.get("num_hidden_layers", 1)))
+        draft = hf.get("draft_vocab_size")
+        draft = None if draft in (None, layer.vocab_size) else int(draft)
+        return cls(layer, tuple(aux), int(hf.get("num_hidden_layers", 1)), draft)
 
     def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The one weight-name map: checkpoint tensor name -> (shape, dtype)."""
@@ -125,7 +144,11 @@ class Eagle3Config:
             })  # fmt: skip
             if i == 0:
                 shapes[p + "hidden_norm.weight"] = (H,)
-        return {name: (shape, c.dtype) for name, shape in shapes.items()}
+        specs = {name: (shape, c.dtype) for name, shape in shapes.items()}
+        if self.draft_vocab_size:
+            specs.update({"lm_head.weight": ((self.draft_vocab_size, H), c.dtype),
+                          "d2t": ((self.draft_vocab_size,), torch.int64), "t2d": ((c.vocab_size,), torch.bool)})  # fmt: skip
+        return specs
 
 
 class Eagle3Layer(nn.Module):
@@ -160,6 +183,23 @@ class Eagle3Drafter(nn.Module):
         self.fc = nn.Linear(len(config.aux_layers) * H, H, bias=False)
         self.layers = nn.ModuleList([Eagle3Layer(s, i == 0) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(H, s.rms_norm_eps)
+        if config.draft_vocab_size:  # frozen rows of the target's head, and their token ids
+            self.register_buffer("draft_head", torch.zeros(config.draft_vocab_size, H))
+            self.register_buffer("draft_ids", torch.arange(config.draft_vocab_size))
+
+    def set_draft_vocab(self, token_ids: torch.Tensor, target_head: torch.Tensor) -> None:
+        """Draft vocabulary = ``token_ids`` [Vd] (distinct target ids), head rows copied from the target's."""
+        ids = token_ids.long().to(self.draft_ids.device)
+        if ids.shape != self.draft_ids.shape or ids.unique().numel() != ids.numel():
+            raise ValueError(f"draft vocabulary must be {self.draft_ids.numel()} distinct token ids")
+        self.draft_ids.copy_(ids.sort().values)  # ascending, so d2t offsets are >= 0 as vLLM's are
+        self.draft_head.copy_(target_head[self.draft_ids].to(self.draft_head.dtype))
+
+    def logits(self, normed: torch.Tensor, head) -> torch.Tensor:
+        """[..., H] -> [..., Vd] over the draft vocabulary (or [..., V] through the target's head)."""
+        if self.config.draft_vocab_size is None:
+            return head.logits(normed)
+        return normed.to(head.lm_head.dtype) @ self.draft_head.to(head.lm_head.dtype).T
 
     def combine(self, aux: torch.Tensor) -> torch.Tensor:
         """[..., kH] the target's aux hidden states -> [..., H] the step-1 hidden input g."""
@@ -188,10 +228,23 @@ class Eagle3Drafter(nn.Module):
         return self.norm(r), r
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.state_dict())
+        tensors = {k: v for k, v in self.state_dict().items() if k not in ("draft_head", "draft_ids")}
+        if self.config.draft_vocab_size:
+            t2d = torch.zeros(self.config.layer.vocab_size, dtype=torch.bool)
+            t2d[self.draft_ids] = True
+            tensors.update({"lm_head.weight": self.draft_head, "t2d": t2d,
+                            "d2t": self.draft_ids - torch.arange(len(self.draft_ids), device=self.draft_ids.device)})  # fmt: skip
+        return tensors
 
     def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.load_state_dict(dict(tensors))
+        tensors = dict(tensors)
+        if self.config.draft_vocab_size:
+            d2t, t2d = tensors.pop("d2t"), tensors.pop("t2d")
+            ids = d2t + torch.arange(len(d2t))
+            if not torch.equal(t2d.nonzero().flatten(), ids):
+                raise ValueError("d2t and t2d name different draft vocabularies")
+            tensors.update(draft_head=tensors.pop("lm_head.weight"), draft_ids=ids)
+        self.load_state_dict(tensors)
 
 
 FAMILY = DrafterFamily(

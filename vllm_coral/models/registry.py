@@ -67,6 +67,7 @@ BUILTIN_FAMILIES = (
     "vllm_coral.models.eagle:FAMILY",
     "vllm_coral.models.coral:FAMILY",
     "vllm_coral.models.eagle3:FAMILY",
+    "vllm_coral.models.fspad:FAMILY",
 )
 
 
@@ -232,7 +233,10 @@ def load_drafter(path: str | Path, target_config: Mapping | None = None) -> tupl
     """The validated checkpoint as its family's torch model (and its metadata)."""
     ckpt = validate_drafter(path, target_config)
     model = ckpt.family.model_cls(ckpt.config)
-    model.load_checkpoint_tensors(load_checkpoint(ckpt.path, ckpt.config.tensor_specs()))
+    try:
+        model.load_checkpoint_tensors(load_checkpoint(ckpt.path, ckpt.config.tensor_specs()))
+    except ValueError as e:  # family-specific consistency checks (e.g. EAGLE-3's d2t vs t2d)
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
     return model, ckpt
 
 

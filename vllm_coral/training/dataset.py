@@ -101,6 +101,13 @@ class FeatureDataset:
         it = self.items[i]
         return self._ids[it.shard][it.start : it.start + it.length], self._mask[it.shard][it.start : it.start + it.length]
 
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        """[V] how often each token is an assistant-written (scored) token: the target's own output."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for ids, mask in zip(self._ids, self._mask):
+            counts += torch.bincount(ids[mask > 0].long(), minlength=vocab_size)
+        return counts
+
     def hidden(self, i: int, name: str = "hidden") -> torch.Tensor:
         """[L, H] features of sequence i (or ``aux_hidden`` [L, k*H]), read from the memory-mapped shard."""
         it = self.items[i]

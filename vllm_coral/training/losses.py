@@ -70,6 +70,16 @@ class TargetDist:
         """The distribution at a subset of the positions (bool mask or indices)."""
         return TargetDist(self.probs[rows], self.top1[rows], self.topk_p[rows], self.topk_idx[rows])
 
+    def restrict(self, ids: torch.Tensor) -> tuple[TargetDist, torch.Tensor]:
+        """(p over the sub-vocabulary ``ids`` [Vd], renormalised, in its column order; the
+        mass [n] p had there). ``top1`` becomes the column of the target's top token, or -1
+        where that token is outside ``ids`` (no drafter prediction can match it there)."""
+        mass = self.probs[:, ids].sum(-1)
+        probs = self.probs[:, ids] / mass.clamp_min(1e-12)[:, None]
+        column = torch.full((self.probs.shape[-1],), -1, dtype=torch.long, device=ids.device)
+        column[ids] = torch.arange(len(ids), device=ids.device)
+        return TargetDist(probs, column[self.top1], self.topk_p[:, :0], self.topk_idx[:, :0]), mass
+
 
 def target_distribution(target_logits: torch.Tensor, k: int = 0) -> TargetDist:
     """[n, V] target logits -> TargetDist (with the top-k when k > 0)."""

@@ -47,8 +47,7 @@ from vllm_coral.training.dataset import Batch, FeatureDataset, token_batches
 from vllm_coral.training.recipes import Recipe, knob
 from vllm_coral.training.unrolled import next_token_weight, unrolled_steps
 
-__all__ = ["ROUTER", "RouterBank", "RouterConfig", "evaluate_routers", "metrics_table", "router_inputs",
-           "token_counts"]  # fmt: skip
+__all__ = ["ROUTER", "RouterBank", "RouterConfig", "evaluate_routers", "metrics_table", "router_inputs"]  # fmt: skip
 
 
 
@@ -81,15 +80,6 @@ class RouterConfig:
 
 def variant_name(strategy: str, n: int) -> str:
     return f"{strategy}-n{n}"
-
-
-def token_counts(data: FeatureDataset, vocab_size: int) -> torch.Tensor:
-    """[V] how often each token is an assistant (scored) token in the training data."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for i in range(len(data)):
-        x, m = data.tokens(i)
-        counts += torch.bincount(x[m > 0].long(), minlength=vocab_size)
-    return counts
 
 
 class RouterBank(torch.nn.Module):
@@ -137,7 +127,7 @@ def _build(cfg: RouterConfig, head: TargetHead, data: FeatureDataset) -> RouterB
     drafter, ckpt = load_drafter(cfg.drafter, head.config)
     if ckpt.family.name != "eagle":
         raise CheckpointError(f"{cfg.drafter}: a router needs an eagle-family drafter, not {ckpt.family.name}")
-    counts = token_counts(data, head.vocab_size)
+    counts = data.token_counts(head.vocab_size)
     lm_head = head.lm_head.float().cpu()
     partitions = {variant_name(s, n): partition_vocab(s, n, lm_head=lm_head, token_counts=counts,
                                                       kmeans_iters=cfg.kmeans_iters, seed=0)

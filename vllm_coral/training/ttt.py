@@ -21,6 +21,10 @@ Ours to decide (EAGLE-3's text is silent or its code differs across releases):
 - ``noise_std``: uniform noise on g (EAGLE-1's trick); 0 by default as in EAGLE-3.
 - ``csra``: CORAL's cross-step alignment on the pre-norm outputs of every step, the
   product recipe (tier b) when on.
+- ``draft_vocab``: EAGLE-3's reduced vocabulary: the Vd tokens the target writes most
+  often in the training features (ties by id). p is restricted to them and renormalised;
+  top-1 still counts a miss wherever the target's top token is outside them, and
+  ``acc/draft_vocab_mass`` reports the target probability mass the drafter can reach.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class TTTConfig:
     layers: int = knob(1, "decoder layers of the drafter")
     detach: bool = knob(False, "stop gradients between unrolled steps (HASS does; EAGLE-3 does not)")
     noise_std: float = knob(0.0, "uniform noise width on the fused input feature, (U(0,1) - 0.5) * noise_std")
+    draft_vocab: int | None = knob(None, "score only the N tokens the target writes most often (none: all)")
     csra: CSRA | None = knob(None, "CORAL cross-step alignment on the pre-norm outputs (--no-csra: off)")
 
     def __post_init__(self) -> None:
@@ -72,7 +77,14 @@ def ttt_steps(drafter: Eagle3Drafter, emb: torch.Tensor, g: torch.Tensor, unroll
 
 
 def _build(cfg: TTTConfig, head, data) -> Eagle3Drafter:
-    return Eagle3Drafter(Eagle3Config.from_target(head.config, aux_layers=data.aux_layers, num_hidden_layers=cfg.layers))
+    config = Eagle3Config.from_target(head.config, aux_layers=data.aux_layers, num_hidden_layers=cfg.layers,
+                                      draft_vocab_size=cfg.draft_vocab)  # fmt: skip
+    drafter = Eagle3Drafter(config)
+    if cfg.draft_vocab:
+        counts = data.token_counts(head.vocab_size)
+        order = torch.sort(-counts, stable=True).indices  # most written first, ties by id
+        drafter.set_draft_vocab(order[: cfg.draft_vocab], head.lm_head)
+    return drafter
 
 
 def _loss(cfg: TTTConfig, drafter: Eagle3Drafter, head, batch):
@@ -85,17 +97,20 @@ def _loss(cfg: TTTConfig, drafter: Eagle3Drafter, head, batch):
         g = g + noise.to(g.device, g.dtype)
     emb = head.embed_ids(ids[:, 1:])
     keep = next_token_weight(batch.mask) > 0
+    terms: dict[str, float] = {}
     with torch.no_grad():
         target = target_distribution(head.logits(batch.feats[:, 1:][keep]))
+        if cfg.draft_vocab:
+            target, mass = target.restrict(drafter.draft_ids)
+            terms["acc/draft_vocab_mass"] = mass.mean().item()
     weights = [cfg.step_decay ** (j - 1) for j in range(1, cfg.unroll + 1)]
     common = keep.clone()
     common[:, : cfg.unroll - 1] = False  # indices every step scores (for CSRA)
-    terms: dict[str, float] = {}
     total, rows = 0.0, []
     for j, normed, prenorm in ttt_steps(drafter, emb, g, cfg.unroll, cfg.detach):
         sel = keep.clone()
         sel[:, : j - 1] = False
-        log_q = head.logits(normed[sel]).float().log_softmax(-1)
+        log_q = drafter.logits(normed[sel], head).float().log_softmax(-1)
         ones = torch.ones(log_q.shape[0], device=log_q.device)
         step_target = target.select(sel[keep])
         l_ce = soft_ce_loss(log_q, step_target, ones)
