@@ -60,6 +60,8 @@ def test_generate_split_and_resume(target_path, tmp_path):
     proc = _generate(target_path, inp, out)
     assert "1 to generate" in proc.stderr
     assert _records(out) == first  # T=0 and per-id seeds: the same record comes back
+    for line in (out / "train.jsonl").read_text().split("\n")[:-1]:  # the fragment was dropped, not glued on
+        json.loads(line)
 
     # Nothing left to do: no engine start, same files.
     proc = _generate(target_path, inp, out)

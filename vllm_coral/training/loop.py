@@ -179,10 +179,14 @@ class _Run:
     total: int
     start: int
     meta: dict
+    # Training seconds of earlier invocations (resumed runs), and when this one started.
+    seconds_before: float = 0.0
+    t0: float = 0.0
 
     def state_meta(self, step: int) -> dict:
+        seconds = self.seconds_before + (time.perf_counter() - self.t0 if self.t0 else 0.0)
         return dict(step=step, recipe=self.recipe.name, recipe_config=asdict(self.cfg), loop=asdict(self.loop),
-                    world_size=self.rt.world, **self.meta)  # fmt: skip
+                    world_size=self.rt.world, train_seconds=round(seconds, 1), **self.meta)  # fmt: skip
 
 
 class _Objective(torch.nn.Module):
@@ -228,6 +232,7 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
                 raise ValueError(f"{out}: --resume with a different {key} than the saved run ({saved.get(key)})")
         _restore(module, opt, tensors)
         run_.start = int(saved["step"])
+        run_.seconds_before = float(saved.get("train_seconds", 0.0))
     return run_
 
 
@@ -297,6 +302,7 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
     terms: dict[str, float] = {}
     written: list[Path] = []
     t0, tokens = time.perf_counter(), 0
+    r.t0 = t0
     r.model.train()
     for step in range(r.start, r.total):
         terms = _step(r, step)
@@ -315,6 +321,7 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
             t_eval = time.perf_counter()
             _evaluate(r, heldout, done, writer)
             t0 += time.perf_counter() - t_eval  # training throughput excludes scoring
+            r.t0 = t0
     seconds = time.perf_counter() - t0
     scores = _evaluate(r, heldout, r.total, writer) if main and heldout is not None else None
     for closable in (bar, writer):
@@ -322,7 +329,8 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
             closable.close()
     if main and r.start >= r.total:
         written = _save(r, r.total)
-    summary = dict(steps=r.total, start_step=r.start, seconds=seconds, sequences=len(r.data), world_size=r.rt.world,
+    summary = dict(steps=r.total, start_step=r.start, seconds=seconds, train_seconds=r.seconds_before + seconds,
+                   sequences=len(r.data), world_size=r.rt.world,
                    device=str(r.rt.device), tokens_per_second=tokens * r.rt.world / max(seconds, 1e-9), last=terms,
                    checkpoints=[str(p) for p in written])  # fmt: skip
     if scores is not None:

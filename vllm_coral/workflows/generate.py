@@ -83,6 +83,17 @@ def _request_seed(seed: int, prompt_id: str, turn: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{turn}".encode()).digest()[:4], "big")
 
 
+def _drop_cut_line(path: Path) -> None:
+    """Truncate a line cut by a kill (no final newline), so appending does not glue the next
+    conversation onto it and lose both."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _done_ids(*paths: Path) -> set[str]:
     done = set()
     for path in paths:
@@ -183,6 +194,8 @@ class _Writer:
         self.files, self.opts, self.sync_every, self.pending = files, opts, sync_every, 0
 
     def __enter__(self) -> _Writer:
+        for path in self.files.values():
+            _drop_cut_line(path)
         self.handles = {split: open(path, "a") for split, path in self.files.items()}
         return self
 

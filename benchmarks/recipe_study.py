@@ -1,0 +1,154 @@
+"""The offline recipe study: drafter recipes trained at equal budget, scored on held-out data.
+
+    python benchmarks/recipe_study.py --features F/train --heldout F/heldout --runs runs/study \\
+        --out benchmarks/results/recipe-study --max-steps 300 --only eagle eagle3-u3
+
+Every row trains one recipe variant (``VARIANTS``) through the one loop on the same
+features, the same batches (same seed) and the same optimizer-step budget, then scores
+the held-out features with the recipe's own loss, **unrolled to ``--eval-unroll`` drafting
+steps for every row** (an EAGLE drafter trained on one step is still asked to draft
+several, as vLLM does). Top-1 at step j is then the chance the drafter's top token equals
+the target's at drafting step j given steps 1..j-1 were right: the greedy per-position
+acceptance. From it, the expected accepted length of a k-token chain::
+
+    tau(k) = 1 + sum_{i=1..k} prod_{j<=i} a_j        (a_j = held-out top-1 at step j)
+
+the number a T=0 chain would reach in vLLM if acceptances at different steps were
+independent given the prefix (vLLM measures the real tau: ``vllm-coral bench``). Each row
+also records its wall time and CPU-hours (wall x threads), so recipes compare on
+tau per CPU-hour. Runs resume (``--resume`` in the loop) and finished rows are skipped, so
+a study can be cut and continued.
+
+Writes ``recipe_study.json`` (every row: configs, per-step scores, timings), ``.md``, ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, git_sha, now_utc, write_outputs  # noqa: E402
+
+from vllm_coral.models.checkpoint import portable_path  # noqa: E402
+from vllm_coral.models.registry import load_drafter  # noqa: E402
+from vllm_coral.models.target import TargetHead  # noqa: E402
+from vllm_coral.training.evaluate import evaluate  # noqa: E402
+from vllm_coral.training.loop import LoopConfig, run  # noqa: E402
+from vllm_coral.training.recipes import get_recipe  # noqa: E402
+
+# name -> (recipe, recipe-config overrides, one line saying what the row tests)
+VARIANTS = {
+    "eagle": ("eagle", {}, "EAGLE-1/2: last-layer feature in, feature regression + 0.1 CE, 1 step"),
+    "hass": ("hass", {}, "HASS: EAGLE + 3 harmonized steps + top-10 distillation"),
+    "eagle-tok": ("eagle", {"feature_weight": 0.0, "ce_weight": 1.0}, "EAGLE inputs, token loss only"),
+    "eagle3-u1": ("eagle3", {"unroll": 1}, "EAGLE-3 inputs (fused layers 2/15/27), token loss, 1 step"),
+    "eagle3-u3": ("eagle3", {"unroll": 3}, "EAGLE-3: fused inputs + 3 training-time-test steps"),
+    "eagle3-u3-v8k": ("eagle3", {"unroll": 3, "draft_vocab": 8192}, "EAGLE-3 u3, 8192-token draft vocabulary"),
+    "eagle3-u3-2l": ("eagle3", {"unroll": 3, "layers": 2}, "EAGLE-3 u3, two decoder layers"),
+    "eagle3-u3-detach": ("eagle3", {"unroll": 3, "detach": True}, "EAGLE-3 u3, no gradient between steps"),
+    "eagle3-u3-csra": ("eagle3-csra", {"unroll": 3}, "EAGLE-3 u3 + CORAL's CSRA"),
+    "fspad": ("fspad", {}, "FSPAD: feature sampling + partial alignment distillation, 1 step"),
+}
+
+
+def tau(accept: list[float], k: int) -> float:
+    total, prod = 1.0, 1.0
+    for a in accept[:k]:
+        prod *= a
+        total += prod
+    return total
+
+
+def train_row(name: str, args, loop: LoopConfig) -> dict:
+    recipe_name, overrides, what = VARIANTS[name]
+    recipe = get_recipe(recipe_name)
+    cfg = replace(recipe.preset, **overrides)
+    out = args.runs / name
+    summary = run(recipe, cfg, loop, args.target, args.features, out, resume=(out / "trainer_state.json").exists(),
+                  meta={"target": "smollm2-135m", "features": str(args.features)})  # fmt: skip
+    head = TargetHead.load(args.target)
+    module, _ = load_drafter(out / "drafter", head.config)
+    scored = evaluate(recipe, _eval_cfg(cfg, args.eval_unroll), module, head, args.heldout,
+                      max_seq_len=loop.max_seq_len, batch_tokens=loop.batch_tokens)  # fmt: skip
+    accept = [scored[f"acc/top1_step{j}"] for j in range(1, args.eval_unroll + 1)]
+    return dict(name=name, recipe=recipe_name, what=what, config=asdict(cfg), steps=summary["steps"],
+                train_seconds=summary["train_seconds"], tokens_per_second=summary["tokens_per_second"],
+                cpu_hours=summary["train_seconds"] * torch.get_num_threads() / 3600, heldout=scored, accept=accept,
+                tau={k: tau(accept, k) for k in range(1, args.eval_unroll + 1)})  # fmt: skip
+
+
+def _eval_cfg(cfg, unroll: int):
+    cfg = replace(cfg, unroll=unroll)
+    return replace(cfg, topk=None) if hasattr(cfg, "topk") else cfg  # top-K is a loss term, not a score
+
+
+def to_markdown(result: dict) -> str:
+    k = result["eval_unroll"]
+    head = "| row | what | top-1 by step | tau(3) | tau(k=%d) | steps | tok/s | CPU-h |\n|---|---|---|---|---|---|---|---|\n" % k
+    rows = [f"| {r['name']} | {r['what']} | {' / '.join(f'{a:.3f}' for a in r['accept'])} | {r['tau']['3']:.2f} | "
+            f"{r['tau'][str(k)]:.2f} | {r['steps']} | {r['tokens_per_second']:.0f} | {r['cpu_hours']:.2f} |"
+            for r in result["rows"]]  # fmt: skip
+    meta = (f"{result['device']}; features {result['features']} ({result['train_tokens']} train tokens), "
+            f"held-out {result['heldout']}; loop {json.dumps(result['loop'])}; git {result['git']}\n\n")  # fmt: skip
+    return f"# Recipe study (held-out, offline)\n\n{meta}" + head + "\n".join(rows) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in result["rows"]:
+        steps = range(1, len(r["accept"]) + 1)
+        a.plot(steps, r["accept"], marker="o", label=r["name"])
+        b.scatter(r["cpu_hours"], r["tau"]["3"], label=r["name"])
+        b.annotate(r["name"], (r["cpu_hours"], r["tau"]["3"]), fontsize=7)
+    a.set(xlabel="drafting step j", ylabel="held-out top-1 (greedy acceptance)", title="per-step top-1")
+    a.legend(fontsize=7)
+    b.set(xlabel="training CPU-hours", ylabel="estimated tau, k=3 chain", title="tau vs training cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--target", type=Path, required=True, help="target checkpoint folder")
+    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--heldout", type=Path, required=True)
+    p.add_argument("--runs", type=Path, required=True, help="run folders (one per row; resumable)")
+    p.add_argument("--out", type=Path, required=True, help="results folder")
+    p.add_argument("--only", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--eval-unroll", type=int, default=5)
+    args = p.parse_args()
+    loop = LoopConfig(epochs=args.epochs, max_steps=args.max_steps, batch_tokens=args.batch_tokens, lr=args.lr,
+                      dtype=args.dtype, save_every=100, warmup_steps=20)  # fmt: skip
+    train_tokens = sum(e["tokens"] for e in json.loads((args.features / "index.json").read_text())["shards"])
+    path = args.out / "recipe_study.json"
+    done = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    rows = []
+    for name in args.only:
+        rows.append(done.get(name) or train_row(name, args, loop))
+        result = dict(device=device_name("cpu"), git=git_sha(), date=now_utc(), loop=asdict(loop),
+                      features=portable_path(args.features), heldout=portable_path(args.heldout),
+                      train_tokens=train_tokens,
+                      eval_unroll=args.eval_unroll, rows=rows + [r for n, r in done.items() if n not in args.only])  # fmt: skip
+        write_outputs(args.out, "recipe_study", json.loads(json.dumps(result)), to_markdown, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
