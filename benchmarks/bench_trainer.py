@@ -6,10 +6,12 @@
 Every row trains a drafter for the real target (SmolLM2: its frozen embedding and 49152 x
 576 LM head) with ``vllm_coral.training.loop.run``, on a synthetic features folder with
 the shapes of real ones (sequence lengths 128-768, 70% assistant tokens, H=576). The
-values are random: this measures speed only, never quality. Rows = recipe x autocast
-dtype; rounds interleave the rows so a busy machine slows every row alike, and the table
-reports the median tokens/s over rounds with its min-max spread. Tokens/s counts every
-token of every sequence in a batch (padding excluded), as the loop's summary does.
+values are random: this measures speed only, never quality. Rows = recipe variant x
+autocast dtype (a variant is a recipe with config overrides, e.g. ``loss_vocab``); rounds
+interleave the rows so a busy machine slows every row alike, and the table reports the
+median tokens/s over rounds with its min-max spread, and its ratio to the variant's base
+recipe in float32 (the "before"). Tokens/s counts every token of every sequence in a
+batch (padding excluded), as the loop's summary does.
 
 Writes ``bench_trainer.json`` (device, versions, every run), ``.md`` and ``.png``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import statistics
 import sys
 import tempfile
@@ -34,11 +37,21 @@ from vllm_coral.workflows.install import pip_install  # noqa: E402
 from vllm_coral.training.loop import LoopConfig, run  # noqa: E402
 from vllm_coral.training.recipes import get_recipe  # noqa: E402
 
-PRESETS = {
-    # sequences, steps per run, rounds, recipes, dtypes
-    "cpu": dict(sequences=96, steps=8, rounds=3, recipes=("eagle", "hass"), dtypes=("float32", "bfloat16")),
-    "smoke": dict(sequences=24, steps=2, rounds=1, recipes=("eagle",), dtypes=("float32",)),
+# variant -> (recipe, config overrides, the variant its speed-up is measured against)
+VARIANTS = {
+    "eagle": ("eagle", {}, "eagle"),
+    "eagle-v8k": ("eagle", {"loss_vocab": 8192}, "eagle"),
+    "hass": ("hass", {}, "hass"),
+    "hass-v8k": ("hass", {"loss_vocab": 8192}, "hass"),
+    "eagle3-u3": ("eagle3", {"unroll": 3}, "eagle3-u3"),
+    "eagle3-u3-v8k": ("eagle3", {"unroll": 3, "draft_vocab": 8192}, "eagle3-u3"),
 }
+PRESETS = {
+    # sequences, steps per run, rounds, variants, dtypes
+    "cpu": dict(sequences=96, steps=8, rounds=3, recipes=tuple(VARIANTS), dtypes=("float32", "bfloat16")),
+    "smoke": dict(sequences=24, steps=2, rounds=1, recipes=("eagle", "eagle-v8k"), dtypes=("float32",)),
+}
+AUX_LAYERS = (2, 15, 27)
 
 
 def synthetic_features(folder: Path, sequences: int, hidden: int, vocab: int, seed: int = 0) -> Path:
@@ -50,12 +63,14 @@ def synthetic_features(folder: Path, sequences: int, hidden: int, vocab: int, se
         "input_ids": torch.randint(0, vocab, (n,), generator=g, dtype=torch.int32),
         "loss_mask": (torch.rand(n, generator=g) < 0.7).to(torch.uint8),
         "hidden": torch.randn(n, hidden, generator=g).to(torch.bfloat16),
+        "aux_hidden": torch.randn(n, len(AUX_LAYERS) * hidden, generator=g).to(torch.bfloat16),
         "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "shard_00000.safetensors"))
-    (folder / "index.json").write_text(json.dumps({"shards": [{"file": "shard_00000.safetensors", "ids": [],
-                                                               "tokens": n}]}))  # fmt: skip
+    index = {"shards": [{"file": "shard_00000.safetensors", "ids": [], "tokens": n}],
+             "config": {"aux_layers": list(AUX_LAYERS)}}  # fmt: skip
+    (folder / "index.json").write_text(json.dumps(index))
     return folder
 
 
@@ -65,15 +80,17 @@ def measure(preset: dict, target: Path, work: Path, batch_tokens: int) -> list[d
     rows = []
     for rnd in range(preset["rounds"]):
         for name in preset["recipes"]:
-            recipe = get_recipe(name)
+            recipe_name, overrides, _ = VARIANTS[name]
+            recipe = get_recipe(recipe_name)
+            cfg = replace(recipe.preset, **overrides)
             for dtype in preset["dtypes"]:
                 loop = LoopConfig(max_steps=preset["steps"], batch_tokens=batch_tokens, warmup_steps=1, device="cpu",
                                   dtype=dtype, save_every=10**9, log_every=10**9)  # fmt: skip
                 out = work / f"run-{rnd}-{name}-{dtype}"
-                s = run(recipe, recipe.preset, loop, target, features, out, progress=False)
+                s = run(recipe, cfg, loop, target, features, out, progress=False)
                 rows.append(dict(round=rnd, recipe=name, dtype=dtype, steps=s["steps"], seconds=s["seconds"],
                                  tokens_per_second=s["tokens_per_second"]))  # fmt: skip
-                print(f"round {rnd} {name:6s} {dtype:8s} {s['tokens_per_second']:8.0f} tok/s", file=sys.stderr)
+                print(f"round {rnd} {name:13s} {dtype:8s} {s['tokens_per_second']:8.0f} tok/s", file=sys.stderr)
     return rows
 
 
@@ -82,9 +99,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for recipe, dtype in keys:
         tps = [r["tokens_per_second"] for r in rows if (r["recipe"], r["dtype"]) == (recipe, dtype)]
-        base = [r["tokens_per_second"] for r in rows if (r["recipe"], r["dtype"]) == (recipe, "float32")]
+        base = [r["tokens_per_second"] for r in rows if (r["recipe"], r["dtype"]) == (VARIANTS[recipe][2], "float32")]
         out.append(dict(recipe=recipe, dtype=dtype, median=statistics.median(tps), low=min(tps), high=max(tps),
-                        vs_fp32=statistics.median(tps) / statistics.median(base) if base else None))  # fmt: skip
+                        base=VARIANTS[recipe][2], vs_base=statistics.median(tps) / statistics.median(base) if base else None))  # fmt: skip
     return out
 
 
@@ -92,9 +109,9 @@ def markdown(result: dict) -> str:
     summary, meta = result["summary"], result["meta"]
     lines = [f"Training throughput on {meta['device']} ({meta['date']}, {meta['git']}); synthetic features, "
              f"{meta['batch_tokens']} tokens per batch, median over {meta['rounds']} interleaved rounds (min-max).", "",
-             "| recipe | autocast | tokens/s | spread | vs fp32 |", "|---|---|---|---|---|"]  # fmt: skip
+             "| variant | autocast | tokens/s | spread | vs base in fp32 |", "|---|---|---|---|---|"]  # fmt: skip
     for s in summary:
-        ratio = f"{s['vs_fp32']:.2f}x" if s["vs_fp32"] else "-"
+        ratio = f"{s['vs_base']:.2f}x ({s['base']})" if s["vs_base"] else "-"
         lines.append(f"| {s['recipe']} | {s['dtype']} | {s['median']:.0f} | {s['low']:.0f}-{s['high']:.0f} | {ratio} |")
     return "\n".join(lines) + "\n"
 

@@ -46,6 +46,8 @@ from vllm_coral.training.recipes import get_recipe  # noqa: E402
 VARIANTS = {
     "eagle": ("eagle", {}, "EAGLE-1/2: last-layer feature in, feature regression + 0.1 CE, 1 step"),
     "hass": ("hass", {}, "HASS: EAGLE + 3 harmonized steps + top-10 distillation"),
+    "eagle-v8k": ("eagle", {"loss_vocab": 8192}, "EAGLE, logit losses over the 8192 most written tokens"),
+    "hass-v8k": ("hass", {"loss_vocab": 8192}, "HASS, logit losses over the 8192 most written tokens"),
     "eagle-tok": ("eagle", {"feature_weight": 0.0, "ce_weight": 1.0}, "EAGLE inputs, token loss only"),
     "eagle3-u1": ("eagle3", {"unroll": 1}, "EAGLE-3 inputs (fused layers 2/15/27), token loss, 1 step"),
     "eagle3-u3": ("eagle3", {"unroll": 3}, "EAGLE-3: fused inputs + 3 training-time-test steps"),

@@ -73,6 +73,11 @@ class TargetHead:
         ``benchmarks/bench_trainer.py``)."""
         return TargetHead(config=self.config, embed=self.embed, lm_head=self.lm_head.to(dtype))
 
+    def rows(self, token_ids: torch.Tensor) -> TargetHead:
+        """The same head restricted to ``token_ids`` [n]: ``logits`` then scores only those
+        tokens, in that order (training losses over a frequent sub-vocabulary)."""
+        return TargetHead(config=self.config, embed=self.embed, lm_head=self.lm_head[token_ids.to(self.lm_head.device)])
+
     @property
     def hidden_size(self) -> int:
         return self.config["hidden_size"]

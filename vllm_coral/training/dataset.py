@@ -108,6 +108,11 @@ class FeatureDataset:
             counts += torch.bincount(ids[mask > 0].long(), minlength=vocab_size)
         return counts
 
+    def most_written(self, vocab_size: int, n: int) -> torch.Tensor:
+        """[n] the token ids written most often by the assistant, ties by id, ascending ids."""
+        order = torch.sort(-self.token_counts(vocab_size), stable=True).indices
+        return order[:n].sort().values
+
     def hidden(self, i: int, name: str = "hidden") -> torch.Tensor:
         """[L, H] features of sequence i (or ``aux_hidden`` [L, k*H]), read from the memory-mapped shard."""
         it = self.items[i]

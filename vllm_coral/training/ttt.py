@@ -81,9 +81,7 @@ def _build(cfg: TTTConfig, head, data) -> Eagle3Drafter:
                                       draft_vocab_size=cfg.draft_vocab)  # fmt: skip
     drafter = Eagle3Drafter(config)
     if cfg.draft_vocab:
-        counts = data.token_counts(head.vocab_size)
-        order = torch.sort(-counts, stable=True).indices  # most written first, ties by id
-        drafter.set_draft_vocab(order[: cfg.draft_vocab], head.lm_head)
+        drafter.set_draft_vocab(data.most_written(head.vocab_size, cfg.draft_vocab), head.lm_head)
     return drafter
 
 

@@ -21,6 +21,14 @@ with the drafter frozen (``vllm_coral.training.router``).
 
 Positions counted in the loss: index t predicts token x_{t+2}, so its weight is the
 assistant mask of x_{t+2} (padding and prompt tokens excluded).
+
+``loss_vocab`` (a training-speed option, ours): the logit losses are computed over the N
+tokens the target writes most often in the training features instead of all V, for the
+target's distribution (softmax over those N logits) and the drafter's alike; the drafter
+itself is unchanged and still served with the full head, and held-out scoring (eval mode)
+uses the full head. The three LM-head products of a step (target, drafter forward and
+backward) are most of its cost, so they shrink by V/N (``benchmarks/bench_trainer.py``);
+whether held-out top-1 holds is measured by ``benchmarks/recipe_study.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from vllm_coral.training.losses import (
 )
 from vllm_coral.training.recipes import Recipe, knob
 
-__all__ = ["CORAL", "CSRA", "EAGLE", "HASS", "TopKDistill", "UnrolledConfig", "hass_attention_mask",
+__all__ = ["CORAL", "CSRA", "EAGLE", "HASS", "TopKDistill", "UnrolledConfig", "hass_attention_mask", "loss_head",
            "next_token_weight", "unrolled_steps"]  # fmt: skip
 
 
@@ -75,6 +83,7 @@ class UnrolledConfig:
     ce_weight: float = knob(0.1, "weight of the soft cross-entropy on logits")
     topk: TopKDistill | None = knob(None, "HASS top-K distillation (--no-topk: off)")
     csra: CSRA | None = knob(None, "CORAL cross-step alignment (--no-csra: off)")
+    loss_vocab: int | None = knob(None, "train the logit losses on the N most written tokens only (none: all)")
 
     def __post_init__(self) -> None:
         if self.unroll < 1:
@@ -121,18 +130,28 @@ def next_token_weight(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _build(cfg: UnrolledConfig, head, data) -> EagleDrafter:
-    return EagleDrafter(EagleConfig.from_target(head.config))
+    drafter = EagleDrafter(EagleConfig.from_target(head.config))
+    if cfg.loss_vocab:  # not saved: a training-time choice, recomputed from the data on resume
+        drafter.register_buffer("loss_vocab", data.most_written(head.vocab_size, cfg.loss_vocab), persistent=False)
+    return drafter
+
+
+def loss_head(module: torch.nn.Module, head):
+    """The head the logit losses use: restricted to ``module.loss_vocab`` while training."""
+    vocab = getattr(module, "loss_vocab", None)
+    return head.rows(vocab) if module.training and vocab is not None else head
 
 
 def _loss(cfg: UnrolledConfig, drafter: EagleDrafter, head, batch):
     """All loss terms of one batch; returns (total, {name: value})."""
     ids, feats = batch.ids, batch.feats
+    emb = head.embed_ids(ids[:, 1:])  # [B, S, H]
+    head = loss_head(drafter, head) if cfg.loss_vocab else head
     S = ids.shape[1] - 1  # index t in [0, S): inputs (x_{t+1}, f_t), target f_{t+1}
     f_in, f_next = feats[:, :-1], feats[:, 1:]
     if drafter.training:  # no noise when scoring held-out data
         noise = (torch.rand(ids.shape[0], S, feats.shape[-1], generator=batch.generator) - 0.5) * cfg.noise_std
         f_in = f_in + noise.to(feats.device)
-    emb = head.embed_ids(ids[:, 1:])  # [B, S, H]
     weight = next_token_weight(batch.mask)
     keep = weight > 0
     with torch.no_grad():
