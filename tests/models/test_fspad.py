@@ -16,7 +16,7 @@ from vllm_coral.models.checkpoint import CheckpointError
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter, eagle_tensor_specs
 from vllm_coral.models.fspad import FeatureSampler, FspadConfig, FspadDrafter
 from vllm_coral.models.registry import families, load_drafter, read_drafter, save_drafter, validate_drafter
-from vllm_coral.training.fspad import fspad_steps
+from vllm_coral.training.unrolled import unrolled_steps
 
 from .test_eagle import TINY_TARGET
 
@@ -194,7 +194,7 @@ def test_unrolled_step_j_equals_inference_drafting_step_j(fs, pad):
     S, unroll = 7, 3
     emb, f = torch.randn(1, S, 64), torch.randn(1, S, 64)
     with torch.no_grad():
-        steps = {j: (p, r) for j, p, r in fspad_steps(model, emb, f, torch.arange(S), unroll)}
+        steps = {j: (p, r) for j, p, r in unrolled_steps(model, emb, f, torch.arange(S), unroll)}
         for j in range(1, unroll + 1):
             for t in range(j - 1, S):
                 verified = t - j + 1

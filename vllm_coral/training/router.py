@@ -9,7 +9,7 @@ router never changes what a dense drafter would propose; it only decides which r
 computed.
 
 Router inputs are the drafter's outputs at every drafting step (HASS-style unroll,
-``vllm_coral.training.trainer.unrolled_steps``, no noise), since at inference the router
+``vllm_coral.training.unrolled.unrolled_steps``, no noise), since at inference the router
 runs on step-1 outputs (from target features) and on later steps (from the drafter's own):
 training on step 1 only would leave it blind to the shift of the later steps.
 
@@ -113,7 +113,7 @@ def router_inputs(drafter, head: TargetHead, batch: Batch, unroll: int):
     kept_index = torch.full(keep.shape, -1, dtype=torch.long, device=ids.device)
     kept_index[keep] = torch.arange(int(keep.sum()), device=ids.device)
     hs, rows = [], []
-    for j, h in unrolled_steps(drafter, emb, feats[:, :-1], torch.arange(S, device=ids.device), unroll):
+    for j, h, _ in unrolled_steps(drafter, emb, feats[:, :-1], torch.arange(S, device=ids.device), unroll):
         sel = keep.clone()
         sel[:, : j - 1] = False
         hs.append(h[sel])

@@ -50,8 +50,8 @@ from vllm_coral.training.losses import (
 )
 from vllm_coral.training.recipes import Recipe, knob
 
-__all__ = ["CORAL", "CSRA", "EAGLE", "HASS", "TopKDistill", "UnrolledConfig", "hass_attention_mask", "loss_head",
-           "next_token_weight", "unrolled_steps"]  # fmt: skip
+__all__ = ["CORAL", "CSRA", "EAGLE", "HASS", "TopKDistill", "UnrolledConfig", "attach_loss_vocab", "exporter",
+           "hass_attention_mask", "loss_head", "next_token_weight", "unrolled_loss", "unrolled_steps"]  # fmt: skip
 
 
 
@@ -102,11 +102,13 @@ def hass_attention_mask(seq_len: int, step: int, device=None) -> torch.Tensor:
     return torch.cat(blocks, dim=1)
 
 
-def unrolled_steps(drafter: EagleDrafter, emb: torch.Tensor, f_in: torch.Tensor, positions: torch.Tensor, unroll: int):
-    """Yield (j, h_j) [B, S, H] for j = 1..unroll, HASS-style (see the module docstring).
+def unrolled_steps(drafter, emb: torch.Tensor, f_in: torch.Tensor, positions: torch.Tensor, unroll: int):
+    """Yield (j, predict_j, regress_j) [B, S, H] for j = 1..unroll, HASS-style (module docstring).
 
     emb [B, S, H] = E[x_{t+1}], f_in [B, S, H] = target features (+ noise). Step j >= 2
-    reads the detached step-(j-1) output of index t-1 as its input feature at index t.
+    reads the detached step-(j-1) regress output of index t-1 as its input feature at index
+    t. ``predict`` goes to the LM head, ``regress`` is held to f_{t+1} and fed back: one
+    tensor for EAGLE (its ``run_layer`` returns one output), FSPAD's PAD halves for FSPAD.
     """
     S = emb.shape[1]
     kv_inputs: list[torch.Tensor] = []
@@ -116,12 +118,13 @@ def unrolled_steps(drafter: EagleDrafter, emb: torch.Tensor, f_in: torch.Tensor,
         x = drafter.layer_input(emb, own)
         kv_inputs.append(x)
         if j == 1:
-            h = drafter.run_layer(x, positions)
+            out = drafter.run_layer(x, positions)
         else:
             attn = hass_attention_mask(S, j, emb.device)[None, None]
-            h = drafter.run_layer(x, positions, attn, kv_inputs)
-        prev = h
-        yield j, h
+            out = drafter.run_layer(x, positions, attn, kv_inputs)
+        predict, regress = out if isinstance(out, tuple) else (out, out)
+        prev = regress
+        yield j, predict, regress
 
 
 def next_token_weight(mask: torch.Tensor) -> torch.Tensor:
@@ -130,8 +133,13 @@ def next_token_weight(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _build(cfg: UnrolledConfig, head, data) -> EagleDrafter:
-    drafter = EagleDrafter(EagleConfig.from_target(head.config))
-    if cfg.loss_vocab:  # not saved: a training-time choice, recomputed from the data on resume
+    return attach_loss_vocab(EagleDrafter(EagleConfig.from_target(head.config)), cfg, head, data)
+
+
+def attach_loss_vocab(drafter: torch.nn.Module, cfg: UnrolledConfig, head, data) -> torch.nn.Module:
+    """``cfg.loss_vocab`` most written tokens as a buffer of ``drafter`` (not saved: a
+    training-time choice, recomputed from the data on resume)."""
+    if cfg.loss_vocab:
         drafter.register_buffer("loss_vocab", data.most_written(head.vocab_size, cfg.loss_vocab), persistent=False)
     return drafter
 
@@ -142,7 +150,7 @@ def loss_head(module: torch.nn.Module, head):
     return head.rows(vocab) if module.training and vocab is not None else head
 
 
-def _loss(cfg: UnrolledConfig, drafter: EagleDrafter, head, batch):
+def unrolled_loss(cfg: UnrolledConfig, drafter, head, batch):
     """All loss terms of one batch; returns (total, {name: value})."""
     ids, feats = batch.ids, batch.feats
     emb = head.embed_ids(ids[:, 1:])  # [B, S, H]
@@ -161,15 +169,15 @@ def _loss(cfg: UnrolledConfig, drafter: EagleDrafter, head, batch):
     common = keep.clone()
     common[:, : cfg.unroll - 1] = False  # indices every unrolled step scores
     csra_rows = []
-    for j, h in unrolled_steps(drafter, emb, f_in, torch.arange(S, device=ids.device), cfg.unroll):
+    for j, predict, regress in unrolled_steps(drafter, emb, f_in, torch.arange(S, device=ids.device), cfg.unroll):
         sel = keep.clone()
         sel[:, : j - 1] = False
-        log_q = head.logits(h[sel]).float().log_softmax(-1)  # cast once: every term reads it
-        ones = torch.ones(log_q.shape[0], device=h.device)
-        step_total, step_terms = _step_terms(cfg, h[sel], f_next[sel], log_q, target.select(sel[keep]), ones)
+        log_q = head.logits(predict[sel]).float().log_softmax(-1)  # cast once: every term reads it
+        ones = torch.ones(log_q.shape[0], device=log_q.device)
+        step_total, step_terms = _step_terms(cfg, regress[sel], f_next[sel], log_q, target.select(sel[keep]), ones)
         terms.update({f"{name}_step{j}": v for name, v in step_terms.items()})
         total = total + step_total / cfg.unroll
-        csra_rows.append(h[common])
+        csra_rows.append(regress[common])
     if cfg.csra is not None:
         l_csra = csra_loss(csra_rows, cfg.csra.temperature)
         total = total + cfg.csra.weight * l_csra
@@ -191,15 +199,16 @@ def _step_terms(cfg: UnrolledConfig, h, f_next, log_q, target, ones):
     return total, terms
 
 
-def _exporter(name: str):
-    def export(cfg, drafter: EagleDrafter, head, out: Path, training: dict) -> list[Path]:
-        return [save_drafter(drafter, out / "drafter", family="eagle", recipe=name, training=training)]
+def exporter(name: str, family: str = "eagle"):
+    def export(cfg, drafter, head, out: Path, training: dict) -> list[Path]:
+        return [save_drafter(drafter, out / "drafter", family=family, recipe=name, training=training)]
 
     return export
 
 
 def _recipe(name: str, preset: UnrolledConfig, help: str) -> Recipe:
-    return Recipe(name=name, family="eagle", preset=preset, build=_build, loss=_loss, export=_exporter(name), help=help)
+    return Recipe(name=name, family="eagle", preset=preset, build=_build, loss=unrolled_loss, export=exporter(name),
+                  help=help)
 
 
 EAGLE = _recipe("eagle", UnrolledConfig(), "EAGLE-1/2: feature regression + 0.1 soft CE, one step")
