@@ -139,8 +139,11 @@ def main() -> int:
     ap.add_argument("--preset", choices=PRESETS, default="cpu")
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trainer-cpu")
+    ap.add_argument("--rounds", type=int, default=None, help="override the preset's rounds")
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's steps per run")
     args = ap.parse_args()
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    preset.update({k: v for k, v in (("rounds", args.rounds), ("steps", args.steps)) if v is not None})
     target = fetch_target("smollm2-135m", installer=pip_install, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(preset, target, Path(tmp), args.batch_tokens)
