@@ -91,9 +91,10 @@ def _eval_cfg(cfg, unroll: int):
 
 
 def to_markdown(result: dict) -> str:
-    k = result["eval_unroll"]
-    head = "| row | what | top-1 by step | tau(3) | tau(k=%d) | steps | tok/s | CPU-h |\n|---|---|---|---|---|---|---|---|\n" % k
-    rows = [f"| {r['name']} | {r['what']} | {' / '.join(f'{a:.3f}' for a in r['accept'])} | {r['tau']['3']:.2f} | "
+    k, k3 = result["eval_unroll"], str(min(3, result["eval_unroll"]))
+    head = (f"| row | what | top-1 by step | tau(k={k3}) | tau(k={k}) | steps | tok/s | CPU-h |\n"
+            "|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    rows = [f"| {r['name']} | {r['what']} | {' / '.join(f'{a:.3f}' for a in r['accept'])} | {r['tau'][k3]:.2f} | "
             f"{r['tau'][str(k)]:.2f} | {r['steps']} | {r['tokens_per_second']:.0f} | {r['cpu_hours']:.2f} |"
             for r in result["rows"]]  # fmt: skip
     meta = (f"{result['device']}; features {result['features']} ({result['train_tokens']} train tokens), "
@@ -107,15 +108,16 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    k3 = str(min(3, result["eval_unroll"]))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in result["rows"]:
         steps = range(1, len(r["accept"]) + 1)
         a.plot(steps, r["accept"], marker="o", label=r["name"])
-        b.scatter(r["cpu_hours"], r["tau"]["3"], label=r["name"])
-        b.annotate(r["name"], (r["cpu_hours"], r["tau"]["3"]), fontsize=7)
+        b.scatter(r["cpu_hours"], r["tau"][k3], label=r["name"])
+        b.annotate(r["name"], (r["cpu_hours"], r["tau"][k3]), fontsize=7)
     a.set(xlabel="drafting step j", ylabel="held-out top-1 (greedy acceptance)", title="per-step top-1")
     a.legend(fontsize=7)
-    b.set(xlabel="training CPU-hours", ylabel="estimated tau, k=3 chain", title="tau vs training cost")
+    b.set(xlabel="training CPU-hours", ylabel=f"estimated tau, k={k3} chain", title="tau vs training cost")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

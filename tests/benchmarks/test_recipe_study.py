@@ -1,0 +1,41 @@
+"""The recipe study runs with one command, resumes, and writes JSON, markdown and a PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from recipe_study import tau  # noqa: E402
+
+
+def test_tau_is_the_expected_accepted_length_of_a_chain():
+    assert tau([0.5, 0.5, 0.5], 3) == 1 + 0.5 + 0.25 + 0.125
+    assert tau([1.0, 1.0], 2) == 3.0 and tau([0.0, 1.0], 2) == 1.0 and tau([0.7], 3) == 1.7
+
+
+@pytest.mark.slow
+def test_two_rows_train_score_and_resume(target_path, tiny_features, tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recipe_study.py"), "--target", str(target_path),
+           "--features", str(tiny_features), "--heldout", str(tiny_features), "--runs", str(tmp_path / "runs"),
+           "--out", str(tmp_path / "out"), "--max-steps", "2", "--batch-tokens", "512", "--eval-unroll", "2",
+           "--dtype", "float32", "--only", "eagle", "eagle3-u3-v8k"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "recipe_study.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"eagle", "eagle3-u3-v8k"}
+    for r in rows.values():
+        assert r["steps"] == 2 and len(r["accept"]) == 2 and r["cpu_hours"] > 0
+        assert r["tau"]["2"] == pytest.approx(tau(r["accept"], 2))
+        assert r["heldout"]["acc/top1_step2"] == r["accept"][1]
+    assert "| eagle3-u3-v8k |" in (tmp_path / "out" / "recipe_study.md").read_text()
+    assert (tmp_path / "out" / "recipe_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # finished rows are skipped
+    assert again.returncode == 0 and "train eagle" not in again.stderr
+    assert json.loads((tmp_path / "out" / "recipe_study.json").read_text())["rows"] == result["rows"]
