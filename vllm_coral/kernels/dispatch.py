@@ -10,7 +10,7 @@ import torch
 
 from vllm_coral.kernels import reference
 
-__all__ = ["grouped_lm_head", "grouped_lm_head_argmax"]
+__all__ = ["feature_sampling", "grouped_lm_head", "grouped_lm_head_argmax"]
 
 
 def grouped_lm_head(
@@ -47,3 +47,22 @@ def grouped_lm_head_argmax(
     return reference.grouped_lm_head_argmax_ref(
         hidden, weight, group_ids, group_size, row_to_token, check_duplicates=validate
     )
+
+
+def feature_sampling(
+    token_ids: torch.Tensor,  # [T] int32/int64
+    hidden: torch.Tensor,  # [T, H] h = fc(concat(e, f))
+    embedding: torch.Tensor,  # [V, H]
+    gate_weight: torch.Tensor,  # [I, H]
+    up_weight: torch.Tensor,  # [I, H]
+    norm_weight: torch.Tensor,  # [H]
+    eps: float,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:  # [T, I] silu(E[x] W_gate^T) * (rmsnorm(h) W_up^T)
+    if hidden.is_cuda:
+        from vllm_coral.kernels.feature_sampling import feature_sampling as impl
+
+        return impl(token_ids, hidden, embedding, gate_weight, up_weight, norm_weight, eps, validate=validate)
+    return reference.feature_sampling_ref(token_ids, hidden, embedding, gate_weight, up_weight, norm_weight, eps,
+                                          validate=validate)  # fmt: skip

@@ -22,14 +22,30 @@ gathered or copied) and computes each selected group once for all tokens that ch
 
 Duplicate group ids within one token's row are *rejected* (ValueError): they would
 duplicate vocabulary entries and double-count them in any softmax over the result.
+
+Feature sampling
+----------------
+FSPAD's sampler (``vllm_coral.models.fspad.FeatureSampler``) without its down projection:
+for token ids x [T], hidden states h [T, H], the embedding table E [V, H], W_gate and
+W_up [I, H] and the RMSNorm weight w [H]::
+
+    g = silu(E[x] @ W_gate.T) * (rmsnorm_w(h) @ W_up.T)                       # [T, I]
+    rmsnorm_w(h) = w * (h_fp32 * rsqrt(mean(h_fp32**2) + eps)).to(h.dtype)
+
+The twin runs exactly the ops of ``FeatureSampler`` (``RMSNorm``, two ``nn.Linear``,
+``F.silu``, the product) in the same order, so on the same dtype it is bit-identical to
+the module; every intermediate is rounded to the input dtype as torch rounds it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
+    "check_feature_sampling_inputs",
     "check_grouped_lm_head_inputs",
+    "feature_sampling_ref",
     "grouped_lm_head_argmax_ref",
     "grouped_lm_head_ref",
     "num_groups",
@@ -125,3 +141,70 @@ def grouped_lm_head_argmax_ref(
     )
     values, pos = logits.max(dim=1)
     return values, token_ids.gather(1, pos[:, None]).squeeze(1)
+
+
+def check_feature_sampling_inputs(
+    token_ids: torch.Tensor,  # [T] int32/int64
+    hidden: torch.Tensor,  # [T, H]
+    embedding: torch.Tensor,  # [V, H]
+    gate_weight: torch.Tensor,  # [I, H]
+    up_weight: torch.Tensor,  # [I, H]
+    norm_weight: torch.Tensor,  # [H]
+    eps: float,
+    *,
+    check_ids: bool = True,
+) -> None:
+    """Shared input validation; raises ValueError with a one-line message. ``check_ids``
+    reads the ids' min/max on the host (a device sync on CUDA)."""
+    if token_ids.dim() != 1 or hidden.dim() != 2 or embedding.dim() != 2:
+        raise ValueError(
+            f"expected token_ids [T], hidden [T, H], embedding [V, H]; got {tuple(token_ids.shape)}, "
+            f"{tuple(hidden.shape)}, {tuple(embedding.shape)}"
+        )
+    T, H = hidden.shape
+    if token_ids.shape[0] != T:
+        raise ValueError(f"{token_ids.shape[0]} token ids for {T} hidden rows")
+    if embedding.shape[1] != H:
+        raise ValueError(f"embedding hidden size {embedding.shape[1]} != hidden size {H}")
+    if gate_weight.dim() != 2 or gate_weight.shape[1] != H or up_weight.shape != gate_weight.shape:
+        raise ValueError(
+            f"expected gate_weight and up_weight [I, H={H}]; got {tuple(gate_weight.shape)}, {tuple(up_weight.shape)}"
+        )
+    if norm_weight.shape != (H,):
+        raise ValueError(f"norm_weight must be [H={H}], got {tuple(norm_weight.shape)}")
+    if token_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token_ids must be int32 or int64, got {token_ids.dtype}")
+    floats = {"hidden": hidden, "embedding": embedding, "gate_weight": gate_weight, "up_weight": up_weight,
+              "norm_weight": norm_weight}  # fmt: skip
+    dtypes = {name: t.dtype for name, t in floats.items()}
+    if len(set(dtypes.values())) != 1 or not hidden.dtype.is_floating_point:
+        raise ValueError("one floating dtype expected, got " + ", ".join(f"{k} {v}" for k, v in dtypes.items()))
+    devices = {t.device for t in (token_ids, *floats.values())}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if check_ids and T and (int(token_ids.min()) < 0 or int(token_ids.max()) >= embedding.shape[0]):
+        raise ValueError(f"token id out of range [0, V={embedding.shape[0]})")
+
+
+def feature_sampling_ref(
+    token_ids: torch.Tensor,  # [T] int32/int64, in [0, V)
+    hidden: torch.Tensor,  # [T, H] h = fc(concat(e, f))
+    embedding: torch.Tensor,  # [V, H] E, the target's token embedding
+    gate_weight: torch.Tensor,  # [I, H]
+    up_weight: torch.Tensor,  # [I, H]
+    norm_weight: torch.Tensor,  # [H]
+    eps: float,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:  # [T, I] in hidden.dtype
+    """silu(E[x] @ W_gate.T) * (rmsnorm(h) @ W_up.T), op for op as ``FeatureSampler``.
+    ``validate=False`` skips only the token-id range check, as the Triton launcher does."""
+    check_feature_sampling_inputs(
+        token_ids, hidden, embedding, gate_weight, up_weight, norm_weight, eps, check_ids=validate
+    )
+    e = F.embedding(token_ids, embedding)  # [T, H]
+    hf = hidden.float()
+    normed = norm_weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+    return F.silu(F.linear(e, gate_weight)) * F.linear(normed, up_weight)
