@@ -74,8 +74,9 @@ class TargetDist:
         """(p over the sub-vocabulary ``ids`` [Vd], renormalised, in its column order; the
         mass [n] p had there). ``top1`` becomes the column of the target's top token, or -1
         where that token is outside ``ids`` (no drafter prediction can match it there)."""
-        mass = self.probs[:, ids].sum(-1)
-        probs = self.probs[:, ids] / mass.clamp_min(1e-12)[:, None]
+        sub = self.probs[:, ids]  # [n, Vd], gathered once
+        mass = sub.sum(-1)
+        probs = sub / mass.clamp_min(1e-12)[:, None]
         column = torch.full((self.probs.shape[-1],), -1, dtype=torch.long, device=ids.device)
         column[ids] = torch.arange(len(ids), device=ids.device)
         return TargetDist(probs, column[self.top1], self.topk_p[:, :0], self.topk_idx[:, :0]), mass
