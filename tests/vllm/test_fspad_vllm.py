@@ -10,6 +10,8 @@
   for acceptance to mean something.
 - The halves are wired the right way round: with junk in the predict half only, first
   draft positions are rarely accepted although regress still carries EAGLE's features.
+- T=1 with probabilistic drafting: the output distribution equals the target's
+  (chi-square against the target alone, with a control that must be rejected).
 - A checkpoint missing a sampler tensor is refused at load with one line naming it.
 """
 
@@ -31,6 +33,7 @@ from vllm_coral.models.fspad import FspadConfig, FspadDrafter  # noqa: E402
 from vllm_coral.models.registry import load_drafter, save_drafter, validate_drafter  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
+from .stats import assert_same_distribution  # noqa: E402
 
 EAGLE = committed_drafters("smollm2-135m").get("eagle")
 DOWN = "layers.0.mlp.down_proj.weight"
@@ -114,6 +117,13 @@ def test_logits_come_from_predict(target_path, target_greedy, eagle_run, tmp_pat
     assert run.token_ids == target_greedy.token_ids
     print(f"eagle {eagle_run.spec}\nfspad with junk predict {run.spec}")
     assert run.spec.accepted_per_pos[0] < 0.25 * eagle_run.spec.accepted_per_pos[0]
+
+
+def test_fspad_sampling_matches_target_distribution(target_path, tmp_path):
+    """T=1, probabilistic drafting through the adapter (sampler, PAD split): the output
+    distribution equals the target's (``stats.assert_same_distribution``)."""
+    ckpt = _eagle_inside_fspad(tmp_path / "fspad-t1", fs=True, pad=True)
+    assert_same_distribution(target_path, validate_drafter(ckpt).speculative_config(3), "FSPAD")
 
 
 def test_missing_tensor_is_refused_at_load(target_path, tmp_path):

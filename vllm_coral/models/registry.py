@@ -68,6 +68,7 @@ BUILTIN_FAMILIES = (
     "vllm_coral.models.coral:FAMILY",
     "vllm_coral.models.eagle3:FAMILY",
     "vllm_coral.models.fspad:FAMILY",
+    "vllm_coral.models.small_lm:FAMILY",
 )
 
 

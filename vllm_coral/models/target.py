@@ -30,6 +30,9 @@ class TargetHead:
     embed: torch.Tensor
     # [V, H] LM head W, frozen (the same tensor as ``embed`` when tied).
     lm_head: torch.Tensor
+    # The target checkpoint folder it was read from (recipes that copy more of the target
+    # read it: the small-LM drafter's layers and tokenizer); None when built in memory.
+    path: Path | None = None
 
     @classmethod
     def load(cls, target_dir: str | Path, dtype: torch.dtype = torch.float32) -> TargetHead:
@@ -57,13 +60,13 @@ class TargetHead:
         for name, t in ((_EMBED, embed), (_HEAD, head)):
             if tuple(t.shape) != expected:
                 raise CheckpointError(f"{target_dir}: {name} is {list(t.shape)}, config says {list(expected)}")
-        return cls(config=config, embed=embed.requires_grad_(False), lm_head=head.requires_grad_(False))
+        return cls(config=config, embed=embed.requires_grad_(False), lm_head=head.requires_grad_(False), path=target_dir)
 
     def to(self, device: torch.device | str) -> TargetHead:
         """The same head on ``device`` (a tied head stays one tensor)."""
         embed = self.embed.to(device)
         head = embed if self.lm_head is self.embed else self.lm_head.to(device)
-        return TargetHead(config=self.config, embed=embed, lm_head=head)
+        return TargetHead(config=self.config, embed=embed, lm_head=head, path=self.path)
 
     def with_head_dtype(self, dtype: torch.dtype) -> TargetHead:
         """The same head with the LM head stored in ``dtype`` (the embedding stays as is).
@@ -71,12 +74,13 @@ class TargetHead:
         Under bf16 autocast, every ``h @ W.T`` would otherwise re-cast the 49152 x 576 head
         to bf16 on each call; a bf16 copy made once removes that (measured in
         ``benchmarks/bench_trainer.py``)."""
-        return TargetHead(config=self.config, embed=self.embed, lm_head=self.lm_head.to(dtype))
+        return TargetHead(config=self.config, embed=self.embed, lm_head=self.lm_head.to(dtype), path=self.path)
 
     def rows(self, token_ids: torch.Tensor) -> TargetHead:
         """The same head restricted to ``token_ids`` [n]: ``logits`` then scores only those
         tokens, in that order (training losses over a frequent sub-vocabulary)."""
-        return TargetHead(config=self.config, embed=self.embed, lm_head=self.lm_head[token_ids.to(self.lm_head.device)])
+        rows = self.lm_head[token_ids.to(self.lm_head.device)]
+        return TargetHead(config=self.config, embed=self.embed, lm_head=rows, path=self.path)
 
     @property
     def hidden_size(self) -> int:

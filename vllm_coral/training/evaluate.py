@@ -34,7 +34,7 @@ def evaluate(recipe, cfg, module: torch.nn.Module, head, features, *, max_seq_le
     try:
         for indices in batches:
             batch = data.collate(indices, torch.Generator().manual_seed(0)).to(device)
-            with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+            with torch.no_grad(), autocast if autocast is not None else torch.autocast(device.type, enabled=False):
                 _, terms = recipe.loss(cfg, module, head, batch)
             n = float(batch.mask[:, 2:].sum())  # tokens x_{t+2} the batch scores
             scored += n
