@@ -18,7 +18,7 @@ import torch
 from vllm_coral.models.registry import validate_drafter
 from vllm_coral.models.target import TargetHead
 from vllm_coral.training.dataset import FeatureDataset
-from vllm_coral.training.direct_align import DISTILL, DirectAlignConfig, _remap, _sample, build_small_lm
+from vllm_coral.training.direct_align import DISTILL, DirectAlignConfig, _sample, build_small_lm
 from vllm_coral.training.evaluate import evaluate
 from vllm_coral.training.loop import LoopConfig, run
 
@@ -47,11 +47,6 @@ def test_tvdpp_tokens_follow_q_and_repeat():
     freq = torch.stack([torch.bincount(row, minlength=5) for row in draws]).float() / 20000
     assert (freq - q).abs().max() < 0.015  # 3.5 standard errors of the largest (p = 0.5)
     assert torch.equal(draws, _sample(q, 20000, torch.Generator().manual_seed(1)))
-
-
-def test_remap_to_loss_vocab_rows():
-    rows = torch.tensor([2, 5, 9])
-    assert _remap(torch.tensor([5, 3, 9, 2, 11]), rows).tolist() == [1, -100, 2, 0, -100]
 
 
 @pytest.mark.slow

@@ -159,12 +159,8 @@ class SmallLMDrafter(nn.Module):
         # causal attention; right padding cannot reach earlier positions, so no mask is needed
         return self.lm.model(input_ids=ids, use_cache=False).last_hidden_state
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[..., H] -> [..., V] (or [..., n] for the head's ``rows`` [n] only: training losses
-        over a frequent sub-vocabulary)."""
-        weight = self.lm.lm_head.weight
-        weight = weight if rows is None else weight[rows]
-        return hidden @ weight.to(hidden.dtype).T
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V]
+        return hidden @ self.lm.lm_head.weight.to(hidden.dtype).T
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

@@ -21,9 +21,12 @@ drafted token whose context was accepted, since the conversations are the target
 greedy text), ``loss/tvd`` and ``loss/kd`` whichever loss trains, so runs with different
 losses are compared on the same scale.
 
-``loss_vocab`` computes every loss over the N tokens the target writes most (both p and q
-renormalised there) while training only, as for the feature drafters: the 49152-row head
-is most of a step. Held-out scores and serving use the full vocabulary.
+Unlike the feature drafters' recipes there is no ``--loss-vocab``: this drafter trains its
+own (tied) head, so a loss over the N most written tokens trains only those rows, and the
+others keep the logits of the initialisation and win the argmax over the full vocabulary.
+Measured: 250 steps of KD over 8,192 tokens reached top-1 0.22-0.37 on training batches
+(restricted) but 0.021 on held-out data (full vocabulary). Every loss here runs over the
+whole vocabulary.
 
 Initialisation (``init``): "target" takes the target's embedding, final norm and
 ``init_layers`` (projected when ``hidden_size`` is narrower; see the model module),
@@ -69,8 +72,6 @@ class DirectAlignConfig:
     init_layers: tuple[int, ...] | None = knob(None, "target layers copied by --init target (none: the first --layers)")
     # TVD++: tokens sampled from q per position.
     tvdpp_samples: int = knob(4, "TVD++: tokens sampled from the drafter per position")
-    # Train the losses over this many most-written tokens (None: the whole vocabulary).
-    loss_vocab: int | None = knob(None, "training losses over the N most written tokens (none: full vocabulary)")
     # dtype of the written checkpoint (bfloat16 halves what is committed and served).
     checkpoint_dtype: str = knob("float32", "float32 | bfloat16: dtype of the written checkpoint")
 
@@ -107,8 +108,6 @@ def build_small_lm(cfg: DirectAlignConfig, head, data) -> SmallLMDrafter:
             for path in sorted(Path(head.path).glob("*.safetensors")):
                 state.update(load_file(str(path)))
             drafter.load_checkpoint_tensors(init_from_target(config, state, layers))
-    if cfg.loss_vocab:
-        drafter.register_buffer("loss_vocab", data.most_written(head.vocab_size, cfg.loss_vocab), persistent=False)
     return drafter
 
 
@@ -129,14 +128,12 @@ def direct_align_loss(cfg: DirectAlignConfig, drafter: SmallLMDrafter, head, bat
     keep = batch.mask[:, 1:] > 0  # [B, S-1] x_{t+1} written by the assistant
     hidden = drafter(ids[:, :-1])[keep]  # [n, H']
     feats, nxt = batch.feats[:, :-1][keep], ids[:, 1:][keep]  # [n, H], [n]
-    rows = getattr(drafter, "loss_vocab", None) if drafter.training else None
-    t_head = head if rows is None else head.rows(rows)
     n = hidden.shape[0]
     step = n if drafter.training else _EVAL_CHUNK
     total, sums = 0.0, {}
     for a in range(0, max(n, 1), step):
         sl = slice(a, min(n, a + step))
-        loss, terms = _terms(cfg, drafter, t_head, rows, hidden[sl], feats[sl], nxt[sl], batch.generator)
+        loss, terms = _terms(cfg, drafter, head, hidden[sl], feats[sl], nxt[sl], batch.generator)
         share = (sl.stop - sl.start) / max(n, 1)
         total = total + loss * share
         for k, v in terms.items():
@@ -147,13 +144,13 @@ def direct_align_loss(cfg: DirectAlignConfig, drafter: SmallLMDrafter, head, bat
 _EVAL_CHUNK = 1024
 
 
-def _terms(cfg, drafter, t_head, rows, hidden, feats, nxt, generator) -> tuple[torch.Tensor, dict]:
+def _terms(cfg, drafter, head, hidden, feats, nxt, generator) -> tuple[torch.Tensor, dict]:
     """The loss and the reported terms of positions with drafter outputs ``hidden`` [n, H'],
     target features ``feats`` [n, H] and written next tokens ``nxt`` [n]."""
-    z = drafter.logits(hidden, rows).float()  # [n, V] or [n, |rows|]
+    z = drafter.logits(hidden).float()  # [n, V]
     ones = torch.ones(z.shape[0], device=z.device)
     with torch.no_grad():
-        p_logits = t_head.logits(feats).float()  # [n, V]
+        p_logits = head.logits(feats).float()  # [n, V]
     if cfg.loss == "kd":
         loss = kd_loss(z, p_logits, ones)
     elif cfg.loss == "tvd":
@@ -162,19 +159,11 @@ def _terms(cfg, drafter, t_head, rows, hidden, feats, nxt, generator) -> tuple[t
         tokens = _sample(z.detach().softmax(-1), cfg.tvdpp_samples, generator)
         loss = tvd_pp_loss(z, p_logits, ones, tokens=tokens)
     else:
-        loss = torch.nn.functional.cross_entropy(z, _remap(nxt, rows))
+        loss = torch.nn.functional.cross_entropy(z, nxt)
     with torch.no_grad():
         terms = {"acc/top1": masked_mean((z.argmax(-1) == p_logits.argmax(-1)).float(), ones).item(),
                  "loss/tvd": tvd_loss(z, p_logits, ones).item(), "loss/kd": kd_loss(z, p_logits, ones).item()}  # fmt: skip
     return loss, terms
-
-
-def _remap(token_ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """Token ids as indices into ``rows`` (sorted); tokens outside it are ignored (-100)."""
-    if rows is None:
-        return token_ids
-    pos = torch.searchsorted(rows, token_ids).clamp_max(rows.numel() - 1)
-    return torch.where(rows[pos] == token_ids, pos, torch.full_like(pos, -100))
 
 
 def _export(cfg: DirectAlignConfig, drafter: SmallLMDrafter, head, out: Path, training: dict) -> list[Path]:
