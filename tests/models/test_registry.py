@@ -191,3 +191,13 @@ def test_config_as_transformers_hands_it_to_vllm_parses_the_same():
         as_vllm_sees_it = AutoConfig.from_pretrained(path).to_dict()
         assert as_vllm_sees_it.get("rope_theta") is None  # the renaming this test is about
         assert parse_drafter_config(as_vllm_sees_it, name)[2] == read_drafter(path).config
+
+
+def test_portable_text_strips_machine_paths(monkeypatch, tmp_path):
+    from vllm_coral.models.checkpoint import portable_text
+
+    monkeypatch.chdir(tmp_path)
+    text = (f'bench --questions mt=/elsewhere/data/q/mt.jsonl --out {tmp_path}/results/x '
+            '--method {"checkpoint": "/srv/runs/kd/drafter"} keep/relative')  # fmt: skip
+    assert portable_text(text) == ('bench --questions mt=q/mt.jsonl --out results/x '
+                                   '--method {"checkpoint": "kd/drafter"} keep/relative')  # fmt: skip

@@ -13,6 +13,7 @@ different target (hidden size, vocabulary).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_tensors",
     "load_checkpoint",
     "portable_path",
+    "portable_text",
     "read_config",
     "read_tensor_header",
     "save_checkpoint",
@@ -58,6 +60,15 @@ def portable_path(path: str | Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(Path(*path.parts[-2:]))
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~])/(?:[^\s\"',=:]+/)*[^\s\"',=:]+")
+
+
+def portable_text(text: str) -> str:
+    """``text`` with every absolute path in it made portable (``portable_path``), e.g. a
+    recorded command line: "--out /home/me/runs/a" -> "--out runs/a" under /home/me."""
+    return _ABS_PATH.sub(lambda m: portable_path(m.group(0)), text)
 
 
 def check_tensors(where: str, found: Mapping[str, tuple[tuple[int, ...], str]], expected: TensorSpecs) -> None:

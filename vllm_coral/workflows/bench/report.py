@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_coral.models.checkpoint import portable_path
+from vllm_coral.models.checkpoint import portable_path, portable_text
 from vllm_coral.workflows.bench.plots import plot_acceptance, plot_serve, plot_speedup, plot_tau
 from vllm_coral.workflows.bench.plots import row_label as _label
 
@@ -63,7 +63,7 @@ def run_metadata(argv: list[str] | None = None) -> dict:
         "versions": versions,
         "device": device_description(),
         "python": platform.python_version(),
-        "command": " ".join(argv if argv is not None else sys.argv),
+        "command": portable_text(" ".join(argv if argv is not None else sys.argv)),
     }
 
 
