@@ -11,11 +11,13 @@ The checkpoint is a plain Hugging Face folder: ``config.json`` (Llama fields, pl
 names (``model.embed_tokens.weight``, ``model.layers.{i}.*``, ``model.norm.weight``, and
 ``lm_head.weight`` only when the head is untied), and the target's tokenizer files.
 
-Cost. A drafting step reads every weight once at batch 1, so its cost is roughly the
-drafter's parameter count over the target's. SmolLM2-135M's tied 49152-row embedding
-is 28.3M of the target's 134.5M parameters; a 2-layer drafter at the target's width
-(576) is 35.4M (26% of a target step), at width 288 with the target's MLP width 18.6M
-(14%). transformers requires the width to be a multiple of the head count (SmolLM2: 9). ``benchmarks/bench_small_lm_step.py`` measures the real step times in vLLM.
+Cost. A drafting step reads every weight once at batch 1, so its cost follows the
+drafter's parameter count. SmolLM2-135M's tied 49152-row embedding is 28.3M of the
+target's 134.5M parameters, so the head dominates a small drafter: measured in vLLM at
+batch 1 (``benchmarks/bench_small_lm_step.py``, each model served alone), a decode step
+of 1 / 2 / 4 layers at width 576 costs 0.26 / 0.28 / 0.31 of the target's, 2 / 4 layers
+at width 288 0.16 / 0.21. transformers requires the width to be a multiple of the head
+count (SmolLM2: 9).
 
 Initialisation from the target (:func:`init_from_target`). At the target's width, the
 drafter takes the target's embedding, final norm and a subset of its layers verbatim.
