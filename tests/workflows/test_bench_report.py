@@ -121,3 +121,7 @@ def test_results_hold_no_absolute_paths():
     assert got == {"meta": {"command": "vllm-coral bench offline --out r/off --k 3"},
                    "rows": [{"speculative_config": {"model": "smollm2-135m/eagle"}, "tau": 1.5}],
                    "text": "a/b relative", "n": 3}  # fmt: skip
+    # paths after "name=" and inside a JSON method row, as `bench --questions/--method` record them
+    got = portable({"questions": ["mt_bench=/abs/data/q/mt.jsonl"],
+                    "command": 'bench --method {"checkpoint": "/abs/runs/kd/drafter"}'})  # fmt: skip
+    assert got == {"questions": ["mt_bench=q/mt.jsonl"], "command": 'bench --method {"checkpoint": "kd/drafter"}'}

@@ -74,17 +74,8 @@ def _bench_inputs(args: argparse.Namespace):
 
 def _bench_config(args: argparse.Namespace, specs) -> dict:
     skip = {"func", "command", "bench_command", "method", "methods"}
-    from vllm_coral.models.checkpoint import portable_text
-
-    def portable(v):  # committed results must not name this machine's folders
-        if isinstance(v, (str, Path)):
-            return portable_text(str(v))
-        if isinstance(v, dict):
-            return {k: portable(x) for k, x in v.items()}
-        return [portable(x) for x in v] if isinstance(v, list) else v
-
-    config = {k: portable(v) for k, v in vars(args).items() if k not in skip}
-    config["methods"] = [portable(s.entry) or {"name": s.name, "error": s.error} for s in specs]
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
+    config["methods"] = [s.entry or {"name": s.name, "error": s.error} for s in specs]
     return config
 
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_coral.models.checkpoint import portable_path, portable_text
+from vllm_coral.models.checkpoint import portable_text
 from vllm_coral.workflows.bench.plots import plot_acceptance, plot_serve, plot_speedup, plot_tau
 from vllm_coral.workflows.bench.plots import row_label as _label
 
@@ -63,7 +63,7 @@ def run_metadata(argv: list[str] | None = None) -> dict:
         "versions": versions,
         "device": device_description(),
         "python": platform.python_version(),
-        "command": portable_text(" ".join(argv if argv is not None else sys.argv)),
+        "command": " ".join(argv if argv is not None else sys.argv),
     }
 
 
@@ -100,14 +100,14 @@ def git_sha(*, mark_dirty: bool = True) -> str:
 
 def portable(value):
     """``value`` with every absolute path in it (strings, also inside a command line) made
-    portable (``vllm_coral.models.checkpoint.portable_path``): results are committed and
+    portable (``vllm_coral.models.checkpoint.portable_text``): results are committed and
     read on other machines."""
     if isinstance(value, dict):
         return {k: portable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [portable(v) for v in value]
-    if isinstance(value, str) and "/" in value:
-        return " ".join(portable_path(w) if w.startswith("/") else w for w in value.split(" "))
+    if isinstance(value, str) and "/" in value:  # also "name=/abs/x" and JSON-quoted paths
+        return portable_text(value)
     return value
 
 
