@@ -42,17 +42,12 @@ def _drafter_folder(target: Path, layers: int, width: int, root: Path) -> tuple[
     """A random-weight checkpoint of the shape with the target's tokenizer; (folder, parameters)."""
     import torch
 
-    from vllm_coral.models.registry import save_drafter
-    from vllm_coral.models.small_lm import SmallLMConfig, SmallLMDrafter
-    from vllm_coral.training.direct_align import TOKENIZER_FILES
+    from vllm_coral.models.small_lm import SmallLMConfig, SmallLMDrafter, save_small_lm
 
     torch.manual_seed(0)
     config = SmallLMConfig.from_target(json.loads((target / "config.json").read_text()), num_hidden_layers=layers,
                                        hidden_size=width)  # fmt: skip
-    folder = save_drafter(SmallLMDrafter(config), root / f"l{layers}-h{width}", family="small_lm", recipe="small-lm")
-    for name in TOKENIZER_FILES:
-        if (target / name).is_file():
-            (folder / name).write_bytes((target / name).read_bytes())
+    folder = save_small_lm(SmallLMDrafter(config), root / f"l{layers}-h{width}", target)
     return folder, sum(math.prod(shape) for shape, _ in config.tensor_specs().values())
 
 

@@ -25,8 +25,8 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-from vllm_coral.models.registry import save_drafter, validate_drafter  # noqa: E402
-from vllm_coral.models.small_lm import SmallLMConfig, SmallLMDrafter, init_from_target  # noqa: E402
+from vllm_coral.models.registry import validate_drafter  # noqa: E402
+from vllm_coral.models.small_lm import SmallLMConfig, SmallLMDrafter, init_from_target, save_small_lm  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
 from .stats import assert_same_distribution  # noqa: E402
@@ -36,16 +36,10 @@ from .stats import assert_same_distribution  # noqa: E402
 def early_exit(target_path, tmp_path_factory):
     from safetensors.torch import load_file
 
-    from vllm_coral.training.direct_align import TOKENIZER_FILES
-
     config = SmallLMConfig.from_target(json.loads((target_path / "config.json").read_text()), num_hidden_layers=4)
     drafter = SmallLMDrafter(config)
     drafter.load_checkpoint_tensors(init_from_target(config, load_file(str(target_path / "model.safetensors")), range(4)))
-    folder = save_drafter(drafter, tmp_path_factory.mktemp("small_lm") / "drafter", family="small_lm", recipe="small-lm")
-    for name in TOKENIZER_FILES:
-        if (target_path / name).is_file():
-            (folder / name).write_bytes((target_path / name).read_bytes())
-    return folder
+    return save_small_lm(drafter, tmp_path_factory.mktemp("small_lm") / "drafter", target_path)
 
 
 @pytest.fixture

@@ -34,20 +34,26 @@ project h -> heads * head_dim), so the attention maps themselves are unchanged.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vllm_coral.models.eagle import EagleConfig
-from vllm_coral.models.registry import DrafterFamily, ServeSpec
+from vllm_coral.models.registry import DrafterFamily, ServeSpec, save_drafter
 
-__all__ = ["ARCHITECTURE", "FAMILY", "SmallLMConfig", "SmallLMDrafter", "default_init_layers", "init_from_target",
-           "small_lm_tensor_specs"]  # fmt: skip
+__all__ = ["ARCHITECTURE", "FAMILY", "TOKENIZER_FILES", "SmallLMConfig", "SmallLMDrafter", "default_init_layers",
+           "init_from_target", "save_small_lm", "small_lm_tensor_specs"]  # fmt: skip
 
 ARCHITECTURE = "LlamaForCausalLM"
+# Files copied from the target into every checkpoint, so the folder is a complete HF model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "special_tokens_map.json")  # fmt: skip
 # Tensors of one decoder layer: name -> which side of the residual stream it touches.
 _LAYER_TENSORS = {
     "input_layernorm.weight": "norm",
@@ -225,6 +231,19 @@ def init_from_target(config: SmallLMConfig, target_state: Mapping[str, torch.Ten
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = target_state.get("lm_head.weight", target_state["model.embed_tokens.weight"]).float() @ P
     return out
+
+
+def save_small_lm(drafter: SmallLMDrafter, folder: str | Path, target_dir: str | Path | None, *,
+                  dtype: str = "float32", recipe: str = "small-lm", training: Mapping | None = None) -> Path:  # fmt: skip
+    """The drafter's checkpoint in ``dtype`` (weights cast on save; the model is untouched),
+    plus the target's tokenizer files from ``target_dir`` (None: none copied)."""
+    config = replace(drafter.config, layer=replace(drafter.config.layer, torch_dtype=dtype))
+    written = SimpleNamespace(config=config, checkpoint_tensors=drafter.checkpoint_tensors)
+    folder = save_drafter(written, folder, family="small_lm", recipe=recipe, training=training)
+    for name in TOKENIZER_FILES if target_dir is not None else ():
+        if (Path(target_dir) / name).is_file():
+            shutil.copyfile(Path(target_dir) / name, folder / name)
+    return folder
 
 
 FAMILY = DrafterFamily(

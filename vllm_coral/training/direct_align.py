@@ -36,26 +36,27 @@ Initialisation (``init``): "target" takes the target's embedding, final norm and
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
 
-from vllm_coral.models.registry import load_drafter, save_drafter
-from vllm_coral.models.small_lm import SmallLMConfig, SmallLMDrafter, default_init_layers, init_from_target
+from vllm_coral.models.registry import load_drafter
+from vllm_coral.models.small_lm import (
+    SmallLMConfig,
+    SmallLMDrafter,
+    default_init_layers,
+    init_from_target,
+    save_small_lm,
+)
 from vllm_coral.training.distill_losses import kd_loss, tvd_loss, tvd_pp_loss
 from vllm_coral.training.losses import masked_mean
 from vllm_coral.training.recipes import Recipe, knob
 
-__all__ = ["DISTILL", "DirectAlignConfig", "TOKENIZER_FILES", "build_small_lm", "direct_align_loss"]
+__all__ = ["DISTILL", "DirectAlignConfig", "build_small_lm", "direct_align_loss"]
 
 LOSSES = ("kd", "tvd", "tvdpp", "ce")
-# Files copied from the target into every checkpoint, so the folder is a complete HF model.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                   "special_tokens_map.json")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -160,22 +161,15 @@ def _terms(cfg, drafter, head, hidden, feats, nxt, generator) -> tuple[torch.Ten
         loss = tvd_pp_loss(z, p_logits, ones, tokens=tokens)
     else:
         loss = torch.nn.functional.cross_entropy(z, nxt)
-    with torch.no_grad():
-        terms = {"acc/top1": masked_mean((z.argmax(-1) == p_logits.argmax(-1)).float(), ones).item(),
-                 "loss/tvd": tvd_loss(z, p_logits, ones).item(), "loss/kd": kd_loss(z, p_logits, ones).item()}  # fmt: skip
+    with torch.no_grad():  # the trained loss is its own metric: no second pass over [n, V]
+        terms = {"acc/top1": masked_mean((z.argmax(-1) == p_logits.argmax(-1)).float(), ones).item()}
+        for name, fn in (("kd", kd_loss), ("tvd", tvd_loss)):
+            terms[f"loss/{name}"] = (loss if cfg.loss == name else fn(z, p_logits, ones)).item()
     return loss, terms
 
 
 def _export(cfg: DirectAlignConfig, drafter: SmallLMDrafter, head, out: Path, training: dict) -> list[Path]:
-    folder = out / "drafter"
-    config = drafter.config
-    config = replace(config, layer=replace(config.layer, torch_dtype=cfg.checkpoint_dtype))
-    written = SimpleNamespace(config=config, checkpoint_tensors=drafter.checkpoint_tensors)  # cast on save
-    save_drafter(written, folder, family="small_lm", recipe="small-lm", training=training)
-    for name in TOKENIZER_FILES if head.path is not None else ():
-        if (Path(head.path) / name).is_file():
-            shutil.copyfile(Path(head.path) / name, folder / name)
-    return [folder]
+    return [save_small_lm(drafter, out / "drafter", head.path, dtype=cfg.checkpoint_dtype, training=training)]
 
 
 DISTILL = Recipe(name="small-lm", family="small_lm", preset=DirectAlignConfig(), build=build_small_lm,
