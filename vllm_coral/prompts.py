@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "ROLES",
     "ParseReport",
     "Prompt",
     "is_heldout",
@@ -36,7 +37,7 @@ __all__ = [
     "read_prompts",
 ]
 
-_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bing": "assistant", "bard": "assistant", "system": "system"}  # fmt: skip
 
 
@@ -118,7 +119,7 @@ def _prompt_from_record(record: object, default_id: str) -> tuple[Prompt | None,
         for m in messages:
             if not isinstance(m, dict):
                 return None, "a message is not an object"
-            role = _ROLE.get(str(m.get("from", m.get("role", ""))).lower())
+            role = ROLES.get(str(m.get("from", m.get("role", ""))).lower())
             content = m.get("value", m.get("content"))
             if role is None or not isinstance(content, str):
                 return None, f"bad message (role {m.get('from', m.get('role'))!r})"

@@ -62,6 +62,17 @@ def _cmd_data_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_text(args: argparse.Namespace) -> int:
+    from vllm_coral.cli import resolve_target
+    from vllm_coral.training.text import write_text_tokens
+
+    summary = write_text_tokens(resolve_target(args.target), args.input, args.out, max_length=args.max_length,
+                                max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+                                heldout_fraction=args.heldout, seed=args.seed)  # fmt: skip
+    print(f"{args.out}: {summary['tokens']} tokens in {summary['shards']} shards")
+    return 0
+
+
 def _cmd_data_pack(args: argparse.Namespace) -> int:
     from vllm_coral.workflows.pack import pack_dataset
 
@@ -153,6 +164,21 @@ def _add_features(data) -> None:
     feats.set_defaults(func=_cmd_data_features)
 
 
+def _add_text(data) -> None:
+    text = data.add_parser("text", help="plain text as token shards (small-LM pretraining: train small-lm --loss ce)")
+    text.add_argument("--target", default="smollm2-135m", help=TARGET_HELP + " (its tokenizer and chat template)")
+    text.add_argument("--input", action="append", required=True,
+                      help="'sharegpt' (the dump's conversations as written, held-out prompts skipped), "
+                           "a text file, or a folder of .txt/.md/.rst; repeatable")  # fmt: skip
+    text.add_argument("--out", type=Path, required=True, help="token shards folder")
+    text.add_argument("--max-length", type=int, default=1024, help="tokens per training window")
+    text.add_argument("--max-tokens", type=int, default=None, help="stop after about this many tokens")
+    text.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard")
+    text.add_argument("--heldout", type=float, default=0.05, help="'data generate --heldout': those prompts are skipped")
+    text.add_argument("--seed", type=int, default=0, help="'data generate --seed'")
+    text.set_defaults(func=_cmd_data_text)
+
+
 def add_data_commands(sub) -> None:
     models = sub.add_parser("models", help="embedded target models").add_subparsers(dest="models_command", required=True)
     models.add_parser("list", help="list the embedded target models").set_defaults(func=_cmd_models_list)
@@ -166,6 +192,7 @@ def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="training data").add_subparsers(dest="data_command", required=True)
     _add_generate(data)
     _add_features(data)
+    _add_text(data)
     pack = data.add_parser("pack", help="append new generated conversations to committable gzip parts")
     pack.add_argument("--data", type=Path, required=True, help="folder written by 'data generate'")
     pack.add_argument("--out", type=Path, required=True, help="dataset folder (manifest.json + parts)")

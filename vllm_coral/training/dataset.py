@@ -7,6 +7,9 @@ batching needs; the hidden states, 2-4 KB per token, are read only when a batch 
 collated, as slices of the memory-mapped shard files (safetensors reads just those rows).
 A 10M-token dataset thus costs ~60 MB of RAM plus the OS page cache, not 20-40 GB.
 
+Token-only shards (``vllm-coral data text``: plain text for pretraining, no ``hidden``)
+are read by the same class with ``text_ok=True``; their batches carry ``feats=None``.
+
 Batches hold whole sequences up to ``batch_tokens`` tokens, padded to the longest; the
 order is one seeded permutation per epoch, so a run is a deterministic function of
 (seed, data), which is what makes ``--resume`` bit-identical.
@@ -30,8 +33,8 @@ class Batch:
     ids: torch.Tensor
     # [B, S] 1.0 where the token was written by the assistant (0 for prompts and padding).
     mask: torch.Tensor
-    # [B, S, H] the target's post-norm last-layer features, float32.
-    feats: torch.Tensor
+    # [B, S, H] the target's post-norm last-layer features, float32 (None for text tokens).
+    feats: torch.Tensor | None
     # Seeded per (step, rank): recipes draw their noise from it, so resumed runs repeat it.
     generator: torch.Generator
     # [B, S, k*H] the residual stream entering the features' aux layers (EAGLE-3 inputs),
@@ -39,8 +42,8 @@ class Batch:
     aux: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        aux = None if self.aux is None else self.aux.to(device)
-        return Batch(self.ids.to(device), self.mask.to(device), self.feats.to(device), self.generator, aux)
+        feats, aux = (None if t is None else t.to(device) for t in (self.feats, self.aux))
+        return Batch(self.ids.to(device), self.mask.to(device), feats, self.generator, aux)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class _Item:
 class FeatureDataset:
     """Trainable sequences (>= 3 tokens with a scored token from index 2 on) of a features folder."""
 
-    def __init__(self, folder: str | Path, max_seq_len: int, hidden_size: int, *, aux: bool = False) -> None:
+    def __init__(self, folder: str | Path, max_seq_len: int, hidden_size: int, *, aux: bool = False,
+                 text_ok: bool = False) -> None:  # fmt: skip
         self.folder = Path(folder)
         self.aux = aux
         index_path = self.folder / "index.json"
@@ -63,6 +67,11 @@ class FeatureDataset:
             raise ValueError(f"{index_path}: unreadable features index ({e}); run `vllm-coral data features`") from None
         self.files = [self.folder / entry["file"] for entry in index["shards"]]
         self.aux_layers = tuple(index.get("config", {}).get("aux_layers", ()))
+        # text tokens without target features (``vllm-coral data text``)
+        self.text = index.get("config", {}).get("kind") == "text"
+        if self.text and not text_ok:
+            raise ValueError(f"{self.folder}: text tokens without target features (`vllm-coral data text`): "
+                             "only `train small-lm --loss ce` trains on them; this needs `vllm-coral data features`")  # fmt: skip
         if aux and not self.aux_layers:
             raise ValueError(f"{self.folder}: no aux-layer features; extract them with `data features --aux-layers ...`")
         self._ids: list[torch.Tensor] = []
@@ -78,10 +87,10 @@ class FeatureDataset:
         try:
             with safe_open(str(path), framework="pt") as f:
                 ids, mask, offsets = (f.get_tensor(k) for k in ("input_ids", "loss_mask", "offsets"))
-                shape = f.get_slice("hidden").get_shape()
+                shape = None if self.text else f.get_slice("hidden").get_shape()
         except Exception as e:  # missing file, truncated header, missing tensor
             raise ValueError(f"{path}: unreadable feature shard ({type(e).__name__}: {e})") from None
-        if shape != [len(ids), hidden_size]:
+        if not self.text and shape != [len(ids), hidden_size]:
             raise ValueError(f"{path}: hidden is {shape}, expected [{len(ids)}, {hidden_size}] (the target's width)")
         self._ids.append(ids)
         self._mask.append(mask)
@@ -122,19 +131,18 @@ class FeatureDataset:
 
     def collate(self, indices: list[int], generator: torch.Generator) -> Batch:
         S = max(self.items[i].length for i in indices)
-        H = None
-        rows = []
-        for i in indices:
-            ids, mask = self.tokens(i)
-            rows.append((ids, mask, self.hidden(i)))
-            H = rows[-1][2].shape[-1]
         ids = torch.zeros(len(indices), S, dtype=torch.long)
         mask = torch.zeros(len(indices), S)
-        feats = torch.zeros(len(indices), S, H)
-        for r, (x, m, f) in enumerate(rows):
+        for r, i in enumerate(indices):
+            x, m = self.tokens(i)
             ids[r, : len(x)] = x.long()
             mask[r, : len(x)] = m.float()
-            feats[r, : len(x)] = f.float()
+        feats = None
+        if not self.text:
+            rows = [self.hidden(i) for i in indices]
+            feats = torch.zeros(len(indices), S, rows[0].shape[-1])
+            for r, f in enumerate(rows):
+                feats[r, : len(f)] = f.float()
         aux = None
         if self.aux:
             aux = torch.zeros(len(indices), S, len(self.aux_layers) * H)

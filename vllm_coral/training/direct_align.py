@@ -14,12 +14,15 @@ Losses (``vllm_coral.training.distill_losses``, where TVD++'s estimator is deriv
 - ``tvdpp``: TVD++, the policy-gradient form of TVD with the normalised reward, sampled
   (``tvdpp_samples`` tokens per position from q, drawn from the batch's seeded generator,
   so resumed runs repeat them);
-- ``ce``: the written next token only (sequence-level KD: no target distribution).
+- ``ce``: the written next token only (sequence-level KD: no target distribution). It is
+  also the pretraining loss: ``ce`` alone reads token-only shards of plain text
+  (``vllm-coral data text``), the paper's first stage.
 
 Every batch also reports ``acc/top1`` (argmax q = argmax p: the T=0 acceptance of a
 drafted token whose context was accepted, since the conversations are the target's own
 greedy text), ``loss/tvd`` and ``loss/kd`` whichever loss trains, so runs with different
-losses are compared on the same scale.
+losses are compared on the same scale; on text tokens, ``acc/written`` (argmax q = the
+written token) and ``loss/ce``.
 
 Unlike the feature drafters' recipes there is no ``--loss-vocab``: this drafter trains its
 own (tied) head, so a loss over the N most written tokens trains only those rows, and the
@@ -128,13 +131,17 @@ def direct_align_loss(cfg: DirectAlignConfig, drafter: SmallLMDrafter, head, bat
     ids = batch.ids
     keep = batch.mask[:, 1:] > 0  # [B, S-1] x_{t+1} written by the assistant
     hidden = drafter(ids[:, :-1])[keep]  # [n, H']
-    feats, nxt = batch.feats[:, :-1][keep], ids[:, 1:][keep]  # [n, H], [n]
+    feats = None if batch.feats is None else batch.feats[:, :-1][keep]  # [n, H]; None: text tokens
+    nxt = ids[:, 1:][keep]  # [n]
     n = hidden.shape[0]
     step = n if drafter.training else _EVAL_CHUNK
     total, sums = 0.0, {}
     for a in range(0, max(n, 1), step):
         sl = slice(a, min(n, a + step))
-        loss, terms = _terms(cfg, drafter, head, hidden[sl], feats[sl], nxt[sl], batch.generator)
+        if feats is None:
+            loss, terms = _text_terms(drafter.logits(hidden[sl]).float(), nxt[sl])
+        else:
+            loss, terms = _terms(cfg, drafter, head, hidden[sl], feats[sl], nxt[sl], batch.generator)
         share = (sl.stop - sl.start) / max(n, 1)
         total = total + loss * share
         for k, v in terms.items():
@@ -168,10 +175,20 @@ def _terms(cfg, drafter, head, hidden, feats, nxt, generator) -> tuple[torch.Ten
     return loss, terms
 
 
+def _text_terms(z: torch.Tensor, nxt: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Pretraining on text tokens: cross-entropy on the written token, and its top-1."""
+    loss = torch.nn.functional.cross_entropy(z, nxt)
+    return loss, {"acc/written": (z.detach().argmax(-1) == nxt).float().mean().item(), "loss/ce": loss.item()}
+
+
+def _reads_text(cfg: DirectAlignConfig) -> bool:
+    return cfg.loss == "ce"
+
+
 def _export(cfg: DirectAlignConfig, drafter: SmallLMDrafter, head, out: Path, training: dict) -> list[Path]:
     return [save_small_lm(drafter, out / "drafter", head.path, dtype=cfg.checkpoint_dtype, training=training)]
 
 
 DISTILL = Recipe(name="small-lm", family="small_lm", preset=DirectAlignConfig(), build=build_small_lm,
-                 loss=direct_align_loss, export=_export, loop_defaults={"lr": 3e-4},
+                 loss=direct_align_loss, export=_export, reads_text=_reads_text, loop_defaults={"lr": 3e-4},
                  help="small-LM drafter distilled from the target (KD, TVD or TVD++), served by plain vLLM")  # fmt: skip

@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["FeatureShard", "encode_conversation", "extract_features", "iter_shards"]
+__all__ = ["FeatureShard", "ShardWriter", "encode_conversation", "extract_features", "iter_shards"]
 
 
 def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -90,7 +90,7 @@ def iter_shards(folder: str | Path):
             yield FeatureShard(**{k: f.get_tensor(k) for k in ("input_ids", "loss_mask", "hidden", "offsets")})
 
 
-class _ShardWriter:
+class ShardWriter:
     """Buffers sequences and writes a shard (temporary name, then rename) plus index.json
     once ``shard_tokens`` are buffered, so a kill loses at most the shard in flight."""
 
@@ -102,11 +102,13 @@ class _ShardWriter:
         self.aux: list[torch.Tensor] = []
         self.conv_ids: list[str] = []
 
-    def add(self, conv_id: str, ids: list[int], mask: list[int], hidden: torch.Tensor,
+    def add(self, conv_id: str, ids: list[int], mask: list[int], hidden: torch.Tensor | None,
             aux: torch.Tensor | None = None) -> None:  # fmt: skip
+        """One sequence; ``hidden`` None for token-only shards (``vllm-coral data text``)."""
         self.ids.append(torch.tensor(ids))
         self.mask.append(torch.tensor(mask))
-        self.hidden.append(hidden.to(self.dtype))
+        if hidden is not None:
+            self.hidden.append(hidden.to(self.dtype))
         if aux is not None:
             self.aux.append(aux.to(self.dtype))
         self.conv_ids.append(conv_id)
@@ -119,7 +121,9 @@ class _ShardWriter:
         name = f"shard_{len(self.index['shards']):05d}.safetensors"
         offsets = torch.tensor([0] + [len(x) for x in self.ids]).cumsum(0)
         tensors = {"input_ids": torch.cat(self.ids).to(torch.int32), "loss_mask": torch.cat(self.mask).to(torch.uint8),
-                   "hidden": torch.cat(self.hidden), "offsets": offsets.to(torch.int64)}  # fmt: skip
+                   "offsets": offsets.to(torch.int64)}  # fmt: skip
+        if self.hidden:
+            tensors["hidden"] = torch.cat(self.hidden)
         if self.aux:
             tensors["aux_hidden"] = torch.cat(self.aux)
         save_file(tensors, str(self.out / (name + ".tmp")))
@@ -175,7 +179,7 @@ def extract_features(
     layers = model.config.num_hidden_layers
     if any(not 0 <= i < layers for i in aux_layers):
         raise ValueError(f"aux layers {list(aux_layers)} must be in [0, {layers}) for this target")
-    writer = _ShardWriter(out, index, store_dtype, shard_tokens)
+    writer = ShardWriter(out, index, store_dtype, shard_tokens)
     skipped = 0
     with torch.inference_mode():
         for record in tqdm(todo, desc="features", unit="conv", file=sys.stderr):

@@ -32,6 +32,10 @@ def _no_finish(cfg, module, head, out: Path, loop, heldout) -> dict:
     return {}
 
 
+def _features_only(cfg) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Recipe:
     # CLI subcommand and the checkpoint's vllm_coral.recipe.
@@ -52,6 +56,9 @@ class Recipe:
     finish: Callable[..., dict] = _no_finish
     # Whether batches need the aux-layer features (EAGLE-3 inputs: ``data features --aux-layers``).
     aux_features: bool = False
+    # (cfg) -> whether this configuration trains on text tokens without target features
+    # (``vllm-coral data text``; batches then have ``feats`` None).
+    reads_text: Callable[[Any], bool] = _features_only
     # LoopConfig defaults that differ for this recipe (e.g. the router's learning rate).
     loop_defaults: Mapping[str, Any] = field(default_factory=dict)
     # One line for --help.
