@@ -10,7 +10,8 @@ same chat prompts at T=0:
    because the drafter costs as much as the target;
 3. each drafter committed under ``checkpoints/<target>/`` (EAGLE and HASS baselines and the
    CORAL drafter with its LM-head router, trained by ``vllm-coral train``), served by vLLM's
-   ``eagle`` method (CORAL through the plugin's routed-head drafter class).
+   ``eagle`` method (CORAL through the plugin's routed-head drafter class), and the small-LM
+   drafter (``train small-lm``), served by vLLM's own ``draft_model`` method.
 
 and prints a table (tokens/s, speedup, τ, acceptance per position, and whether every
 output is token-identical to the target's), writing the same numbers to JSON.

@@ -5,7 +5,7 @@ The checkpoint is the target's first four layers with its embedding and final no
 always, rejected, which is what both checks need.
 
 - T=0, plain vLLM (``VLLM_PLUGINS=none``): output token-identical to the target alone,
-  with drafts made.
+  with drafts made; for the committed drafter (``checkpoints/smollm2-135m/small-lm``) too.
 - T=1 with probabilistic drafting: the output distribution equals the target's
   (``stats.assert_same_distribution``: chi-square against the target alone, with the
   T=0.7 control that must be rejected). This one runs with vllm-coral's plugin loaded,
@@ -25,6 +25,7 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
+from vllm_coral.demo import committed_drafters  # noqa: E402
 from vllm_coral.models.registry import validate_drafter  # noqa: E402
 from vllm_coral.models.small_lm import SmallLMConfig, SmallLMDrafter, init_from_target, save_small_lm  # noqa: E402
 
@@ -49,16 +50,18 @@ def plain_vllm(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
-def test_small_lm_greedy_is_token_identical(early_exit, target_path, target_greedy, plain_vllm):
+@pytest.mark.parametrize("which", ["early exit", "committed"])
+def test_small_lm_greedy_is_token_identical(which, early_exit, target_path, target_greedy, plain_vllm):
     from vllm import SamplingParams
 
     from vllm_coral.plugin.engine import engine_kwargs, open_llm, timed_chat
 
-    spec = validate_drafter(early_exit).speculative_config(3)
+    folder = early_exit if which == "early exit" else committed_drafters("smollm2-135m")["small-lm"]
+    spec = validate_drafter(folder).speculative_config(3)
     assert spec["method"] == "draft_model"
     with open_llm(**engine_kwargs(target_path, dtype="float32", speculative_config=spec)) as llm:
         run = timed_chat(llm, CONVERSATIONS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
-    print(f"small-LM (untrained early exit): {run.spec}")
+    print(f"small-LM ({which}): {run.spec}")
     assert run.spec.num_drafts > 0, "vLLM did not speculate with the checkpoint"
     assert run.token_ids == target_greedy.token_ids
 
