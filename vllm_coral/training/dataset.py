@@ -145,7 +145,7 @@ class FeatureDataset:
                 feats[r, : len(f)] = f.float()
         aux = None
         if self.aux:
-            aux = torch.zeros(len(indices), S, len(self.aux_layers) * H)
+            aux = torch.zeros(len(indices), S, len(self.aux_layers) * feats.shape[-1])
             for r, i in enumerate(indices):
                 aux[r, : self.items[i].length] = self.hidden(i, "aux_hidden").float()
         return Batch(ids, mask, feats, generator, aux)
