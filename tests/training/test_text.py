@@ -55,16 +55,16 @@ def test_text_windows_cover_the_file_and_resume(tokenizer, target_path, tmp_path
     (tmp_path / "docs" / "a.txt").write_text(body)
     (tmp_path / "docs" / "skip.bin").write_text("not text")
     out = tmp_path / "tokens"
-    first = write_text_tokens(target_path, [str(tmp_path / "docs")], out, max_length=100)
+    first = write_text_tokens(target_path, [("text", tmp_path / "docs")], out, max_length=100)
     with safe_open(str(out / "shard_00000.safetensors"), framework="pt") as f:
         assert set(f.keys()) == {"input_ids", "loss_mask", "offsets"}
         ids, offsets = f.get_tensor("input_ids"), f.get_tensor("offsets")
     full = tokenizer(body, add_special_tokens=False)["input_ids"]
     assert ids.tolist() == full[: len(ids)] and len(full) - len(ids) < 3  # a last window under 3 tokens is dropped
     assert (offsets.diff() <= 100).all() and offsets[-1] == first["tokens"]
-    assert write_text_tokens(target_path, [str(tmp_path / "docs")], out, max_length=100) == first
+    assert write_text_tokens(target_path, [("text", tmp_path / "docs")], out, max_length=100) == first
     with pytest.raises(ValueError, match="made with"):
-        write_text_tokens(target_path, [str(tmp_path / "docs")], out, max_length=50)
+        write_text_tokens(target_path, [("text", tmp_path / "docs")], out, max_length=50)
     with pytest.raises(ValueError, match="only `train small-lm --loss ce`"):
         FeatureDataset(out, 1024, 576)
 
@@ -74,7 +74,7 @@ def test_pretraining_on_text_lowers_its_cross_entropy(target_path, tmp_path):
     (tmp_path / "docs").mkdir()
     lines = [f"Item {i}: the {w} is {c}." for i, (w, c) in enumerate(zip(["sky", "sea", "grass"] * 30, ["blue", "deep", "green"] * 30))]  # fmt: skip
     (tmp_path / "docs" / "a.txt").write_text("\n".join(lines))
-    out = write_text_tokens(target_path, [str(tmp_path / "docs")], tmp_path / "tokens", max_length=64)
+    out = write_text_tokens(target_path, [("text", tmp_path / "docs")], tmp_path / "tokens", max_length=64)
     assert out["tokens"] > 500
     cfg = DirectAlignConfig(loss="ce", layers=1, hidden_size=72, init="scratch")
     head = TargetHead.load(target_path)

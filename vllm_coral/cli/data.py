@@ -65,8 +65,10 @@ def _cmd_data_features(args: argparse.Namespace) -> int:
 def _cmd_data_text(args: argparse.Namespace) -> int:
     from vllm_coral.cli import resolve_target
     from vllm_coral.training.text import write_text_tokens
+    from vllm_coral.workflows.generate import resolve_input
 
-    summary = write_text_tokens(resolve_target(args.target), args.input, args.out, max_length=args.max_length,
+    inputs = [("sharegpt", resolve_input(i)) if i == "sharegpt" else ("text", Path(i)) for i in args.input]
+    summary = write_text_tokens(resolve_target(args.target), inputs, args.out, max_length=args.max_length,
                                 max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
                                 heldout_fraction=args.heldout, seed=args.seed)  # fmt: skip
     print(f"{args.out}: {summary['tokens']} tokens in {summary['shards']} shards")

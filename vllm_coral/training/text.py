@@ -73,21 +73,23 @@ def text_documents(path: Path) -> Iterator[tuple[str, str]]:
         yield str(f), f.read_text(errors="replace")
 
 
-def write_text_tokens(target: str | Path, inputs: list[str], out: Path, *, max_length: int = 1024,
+def write_text_tokens(target: str | Path, inputs: list[tuple[str, Path]], out: Path, *, max_length: int = 1024,
                       max_tokens: int | None = None, shard_tokens: int = 1_000_000, heldout_fraction: float = 0.05,
                       seed: int = 0) -> dict:  # fmt: skip
-    """Tokenise ``inputs`` into ``out`` (module docstring); resumes a killed run."""
+    """Tokenise ``inputs`` into ``out`` (module docstring); resumes a killed run.
+
+    ``inputs``: (kind, path) pairs, kind "sharegpt" (a ShareGPT JSON dump) or "text" (a text
+    file or a folder of them)."""
     import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from vllm_coral.training.features import ShardWriter
-    from vllm_coral.workflows.generate import resolve_input
 
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {"shards": []}
-    config = dict(kind="text", target=Path(target).name, inputs=[Path(i).name for i in inputs],
+    config = dict(kind="text", target=Path(target).name, inputs=[f"{kind}:{Path(path).name}" for kind, path in inputs],
                   max_length=max_length, heldout=heldout_fraction, seed=seed)  # fmt: skip
     if index.get("config", config) != config:
         raise ValueError(f"{out}: holds text tokens made with {index['config']}, not {config}; use a new folder")
@@ -98,9 +100,9 @@ def write_text_tokens(target: str | Path, inputs: list[str], out: Path, *, max_l
     # flushed between documents only, so a resumed run never finds half a document
     writer, buffered = ShardWriter(out, index, torch.bfloat16, sys.maxsize), 0
     bar = tqdm(total=max_tokens, initial=tokens, desc="text", unit="tok", file=sys.stderr)
-    for name in inputs:
-        docs = (sharegpt_documents(resolve_input(name), tokenizer, heldout_fraction, seed) if name == "sharegpt"
-                else text_documents(Path(name)))  # fmt: skip
+    for kind, path in inputs:
+        docs = (sharegpt_documents(Path(path), tokenizer, heldout_fraction, seed) if kind == "sharegpt"
+                else text_documents(Path(path)))  # fmt: skip
         for doc_id, text in docs:
             if max_tokens is not None and tokens >= max_tokens:
                 break
