@@ -131,3 +131,23 @@ def test_reference_methods_file_resolves(target_config):
     specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
     assert [s.error for s in specs] == [None] * len(specs)
     assert [s.method for s in specs] == ["none", "ngram", "eagle", "hass", "coral", "small-lm"]
+
+
+def test_repeats_run_the_plan_in_turn_each_against_its_own_target(monkeypatch):
+    from vllm_coral.workflows.bench import offline
+
+    speeds = iter([100.0, 90.0, 50.0, 48.0])  # target, eagle; then the machine slows down by half
+    calls = []
+
+    def fake_engine(model, spec, mode, temps, datasets, settings, reference, label, log):
+        calls.append(label)
+        return [offline.OfflineRow("d", spec.name, spec.method, 0.0, mode, None, None, tokens_per_second=next(speeds))]
+
+    monkeypatch.setattr(offline, "_run_engine", fake_engine)
+    specs = [MethodSpec("target", "none"), MethodSpec("eagle", "eagle", {"method": "eagle"})]
+    rows = offline.run_offline("m", specs, {"d": []}, temperatures=[0.0], draft_sample_methods=["greedy"], repeats=2)
+    assert calls == ["[1/4] target", "[2/4] eagle (greedy)", "[3/4] target", "[4/4] eagle (greedy)"]
+    assert [(r.method, r.repeat) for r in rows] == [("target", 0), ("eagle", 0), ("target", 1), ("eagle", 1)]
+    assert [r.speedup for r in rows] == pytest.approx([1.0, 0.9, 1.0, 0.96])
+    with pytest.raises(offline.BenchError, match="repeats must be at least 1"):
+        offline.run_offline("m", specs, {"d": []}, temperatures=[0.0], draft_sample_methods=["greedy"], repeats=0)

@@ -71,6 +71,39 @@ def test_write_run_and_merge(tmp_path):
     assert srv.exists()
 
 
+def test_repeats_are_merged_per_run(tmp_path):
+    from dataclasses import replace
+
+    from vllm_coral.workflows.bench.offline import fill_speedups
+    from vllm_coral.workflows.bench.report import aggregate_repeats
+
+    rows = []
+    for rep, (base, eagle) in enumerate(((100.0, 90.0), (80.0, 76.8), (120.0, 111.6))):  # 0.90, 0.96, 0.93
+        target, ok, _, broken = _offline_rows()
+        rows += [replace(target, tokens_per_second=base, repeat=rep), replace(ok, tokens_per_second=eagle, repeat=rep),
+                 replace(broken, repeat=rep)]  # fmt: skip
+    rows[4].spec_counters = {"num_drafts": 40, "num_draft_tokens": 120, "num_accepted_tokens": 30,
+                             "accepted_per_pos": [20, 8, 2]}  # fmt: skip
+    for r in rows[1::3]:
+        r.spec_counters = r.spec_counters if r.repeat == 1 else {"num_drafts": 60, "num_draft_tokens": 180,
+                                                                  "num_accepted_tokens": 25, "accepted_per_pos": [20, 4, 1]}
+    fill_speedups(rows, key=lambda r: (r.dataset, r.temperature, r.repeat))
+    merged = aggregate_repeats([r.to_dict() for r in rows])
+    assert [(m["method"], m.get("repeats")) for m in merged] == [("target", 3), ("EAGLE", 3), ("CORAL", None)]
+    eagle = merged[1]
+    assert eagle["speedup"] == pytest.approx(0.93) and eagle["speedup_range"] == pytest.approx([0.90, 0.96])
+    # τ from the summed counters: 1 + (25 + 30 + 25) / (60 + 40 + 60) = 1.5; position 1: 60/160.
+    assert eagle["mean_acceptance_length"] == pytest.approx(1.5)
+    assert eagle["acceptance_per_position"][0] == pytest.approx(60 / 160)
+    assert merged[2]["error"] == "vLLM engine failed: boom"
+    assert aggregate_repeats(merged) == merged  # idempotent
+    run = write_run(tmp_path, "offline", rows, {"repeats": 3}, run_metadata([]))
+    md = (tmp_path / "bench_offline.md").read_text()
+    assert "| EAGLE | 0.93x [0.90-0.96] · τ 1.50 · 4/4 |" in md
+    assert len(json.loads(run.read_text())["rows"]) == 9  # the JSON keeps every repeat
+    assert (tmp_path / "speedup.png").read_bytes().startswith(PNG)
+
+
 def test_load_runs_rejects_what_is_not_a_run(tmp_path):
     (tmp_path / "x.json").write_text('{"rows": []}')
     with pytest.raises(ValueError, match="not a benchmark run"):

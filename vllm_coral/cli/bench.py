@@ -95,17 +95,17 @@ def _bench_finish(rows, out: Path, path: Path) -> int:
 
 def _cmd_bench_offline(args: argparse.Namespace) -> int:
     from vllm_coral.workflows.bench.offline import run_offline
-    from vllm_coral.workflows.bench.report import format_headline, run_metadata, write_run
+    from vllm_coral.workflows.bench.report import aggregate_repeats, format_headline, run_metadata, write_run
 
     target, specs, datasets = _bench_inputs(args)
     meta = run_metadata()
     rows = run_offline(
         target, specs, datasets, temperatures=args.temperature, draft_sample_methods=args.draft_sample_method,
         max_tokens=args.max_tokens, batch_size=args.batch_size or None, seed=args.seed, dtype=args.dtype,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        repeats=args.repeats, log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )  # fmt: skip
     path = write_run(args.out, "offline", rows, _bench_config(args, specs), meta)
-    print(format_headline([r.to_dict() for r in rows]))
+    print(format_headline(aggregate_repeats([r.to_dict() for r in rows])))
     return _bench_finish(rows, args.out, path)
 
 
@@ -186,6 +186,8 @@ def _add_bench(sub) -> None:
         if kind == "offline":
             b.add_argument("--temperature", nargs="+", type=float, default=[0.0], help="e.g. 0 1")
             b.add_argument("--batch-size", type=int, default=8, help="requests per vLLM call (0: all at once)")
+            b.add_argument("--repeats", type=int, default=1,
+                           help="run every row N times in turn, each against its own target-alone row (spread)")  # fmt: skip
             b.set_defaults(func=_cmd_bench_offline)
         else:
             b.add_argument("--temperature", type=float, default=0.0)

@@ -63,6 +63,13 @@ class SpecDecodeCounters:
         )
 
     @classmethod
+    def from_dict(cls, d: dict) -> SpecDecodeCounters:
+        """Back from :meth:`to_dict` (a benchmark row's ``spec_counters``)."""
+        return cls(num_drafts=int(d["num_drafts"]), num_draft_tokens=int(d["num_draft_tokens"]),
+                   num_accepted_tokens=int(d["num_accepted_tokens"]),
+                   accepted_per_pos=tuple(int(a) for a in d["accepted_per_pos"]))  # fmt: skip
+
+    @classmethod
     def from_prometheus_text(cls, text: str) -> SpecDecodeCounters:
         """From the server's ``/metrics`` body (Prometheus text exposition format)."""
         from prometheus_client.parser import text_string_to_metric_families

@@ -16,6 +16,11 @@ output tokens/s over the generate calls, speedup over the target alone at the sa
 acceptance rate from vLLM's spec-decode counters (the difference of two snapshots), and
 at T=0 the correctness guard against the target's tokens (:mod:`.guard`).
 
+With ``repeats`` N the whole plan runs N times in turn, the target alone first each time,
+and every row's speedup is taken against the target alone of its own repeat: a shared
+machine's slow drift cancels out of the ratio, and the reports give each ratio's mean with
+its min-max over the repeats (:func:`.report.aggregate_repeats`).
+
 At T>0 every request has its own seed (the run seed and a hash of the request id), so
 a rerun draws the same samples however the requests are batched.
 
@@ -67,6 +72,8 @@ class OfflineRow:
     # Seconds to start this row's engine (shared by the rows of one engine).
     startup_s: float | None = None
     error: str | None = None
+    # Which pass of the plan this row comes from (0 .. repeats-1).
+    repeat: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,18 +121,25 @@ def run_offline(
     batch_size: int | None = 8,
     seed: int = 0,
     dtype: str = "float32",
+    repeats: int = 1,
     log=print,
 ) -> list[OfflineRow]:
-    """Run the plan; returns one row per (engine, dataset, temperature)."""
+    """Run the plan ``repeats`` times; returns one row per (repeat, engine, dataset, T)."""
+    if repeats < 1:
+        raise BenchError(f"repeats must be at least 1, got {repeats}")
     plan = engine_plan(specs, temperatures, draft_sample_methods)
     settings = _Settings(max_tokens, batch_size, seed, dtype)
     rows: list[OfflineRow] = []
     # (dataset, T) -> the target alone's (output tokens, prompt tokens) per request.
     reference: dict[tuple[str, float], tuple[dict[str, list[int]], dict[str, list[int]]]] = {}
-    for n, (spec, mode, temps) in enumerate(plan, 1):
-        label = f"[{n}/{len(plan)}] " + spec.name + (f" ({mode})" if mode else "")
-        rows += _run_engine(model, spec, mode, temps, datasets, settings, reference, label, log)
-    fill_speedups(rows, key=lambda r: (r.dataset, r.temperature))
+    for rep in range(repeats):
+        for n, (spec, mode, temps) in enumerate(plan, 1):
+            label = f"[{rep * len(plan) + n}/{repeats * len(plan)}] " + spec.name + (f" ({mode})" if mode else "")
+            new = _run_engine(model, spec, mode, temps, datasets, settings, reference, label, log)
+            for r in new:
+                r.repeat = rep
+            rows += new
+    fill_speedups(rows, key=lambda r: (r.dataset, r.temperature, r.repeat))
     return rows
 
 

@@ -39,10 +39,11 @@ def _grouped_bars(rows: list[dict], value: str, path: Path, ylabel: str, ref_lin
         labels = list(dict.fromkeys(row_label(r) for r in at_t))
         bar_w = 0.8 / len(datasets)
         for j, d in enumerate(datasets):
-            vals = {row_label(r): r[value] for r in at_t if r["dataset"] == d}
+            vals = {row_label(r): r for r in at_t if r["dataset"] == d}
             xs = [i + (j - (len(datasets) - 1) / 2) * bar_w for i, lab in enumerate(labels) if lab in vals]
-            ys = [vals[lab] for lab in labels if lab in vals]
-            bars = ax.bar(xs, ys, bar_w, label=d)
+            ys = [vals[lab][value] for lab in labels if lab in vals]
+            bars = ax.bar(xs, ys, bar_w, label=d, yerr=_spread([vals[lab] for lab in labels if lab in vals], value),
+                          capsize=2, error_kw={"lw": 0.8})  # fmt: skip
             for b, y in zip(bars, ys):
                 ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=6)
         if ref_line is not None:
@@ -56,6 +57,15 @@ def _grouped_bars(rows: list[dict], value: str, path: Path, ylabel: str, ref_lin
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _spread(rows: list[dict], value: str):
+    """Error bars (min/max over repeats) for the speedup of merged repeats; None otherwise."""
+    if value != "speedup" or not any(r.get("speedup_range") for r in rows):
+        return None
+    lo = [r[value] - (r.get("speedup_range") or [r[value]] * 2)[0] for r in rows]
+    hi = [(r.get("speedup_range") or [r[value]] * 2)[1] - r[value] for r in rows]
+    return [lo, hi]
 
 
 def plot_tau(rows: list[dict], path: Path) -> bool:

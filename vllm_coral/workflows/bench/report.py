@@ -29,6 +29,7 @@ from vllm_coral.workflows.bench.plots import plot_acceptance, plot_serve, plot_s
 from vllm_coral.workflows.bench.plots import row_label as _label
 
 __all__ = [
+    "aggregate_repeats",
     "cpu_name",
     "device_description",
     "format_headline",
@@ -142,10 +143,55 @@ def load_runs(paths: list[Path]) -> list[dict]:
     return runs
 
 
+def aggregate_repeats(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, T, method, draft sampling) of one run: the repeats of
+    ``bench offline --repeats N`` merged, in first-seen order.
+
+    tokens/s and speedup become their means over the repeats that ran, with
+    ``speedup_range`` = [min, max] and ``repeats`` = how many; τ and acceptance are the
+    counters summed over the repeats. A row whose every repeat failed keeps its error.
+    Rows without repeats pass through unchanged. Worked example: speedups 0.90, 0.96,
+    0.93 -> 0.93x with range [0.90, 0.96].
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["temperature"], r["method"], r.get("draft_sample_method")), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = [r for r in group if not r.get("error")]
+        if len(group) == 1 or not ok:
+            out.append(group[0])
+            continue
+        merged = {**ok[0], "repeats": len(ok)}
+        merged["tokens_per_second"] = sum(r["tokens_per_second"] for r in ok) / len(ok)
+        speedups = [r["speedup"] for r in ok if r.get("speedup") is not None]
+        merged["speedup"] = sum(speedups) / len(speedups) if speedups else None
+        merged["speedup_range"] = [min(speedups), max(speedups)] if speedups else None
+        for key in ("requests", "output_tokens", "seconds"):
+            merged[key] = sum(r[key] for r in ok)
+        if all(r.get("spec_counters") for r in ok):
+            _merge_counters(merged, ok)
+        out.append(merged)
+    return out
+
+
+def _merge_counters(merged: dict, rows: list[dict]) -> None:
+    from vllm_coral.plugin.metrics import SpecDecodeCounters
+
+    total = SpecDecodeCounters.from_dict(rows[0]["spec_counters"])
+    for r in rows[1:]:
+        total = total + SpecDecodeCounters.from_dict(r["spec_counters"])
+    merged["spec_counters"] = total.to_dict()
+    merged["mean_acceptance_length"] = total.mean_acceptance_length
+    merged["acceptance_per_position"] = total.acceptance_per_position
+    merged["draft_acceptance_rate"] = total.draft_acceptance_rate
+
+
 def write_report(runs: list[dict], out: Path, *, summary_name: str = "summary.md") -> list[Path]:
-    """Markdown of all runs' rows, and the plots that have data; returns the files written."""
+    """Markdown of all runs' rows (repeats merged per run), and the plots that have data;
+    returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    offline = [r for run in runs if run["kind"] == "offline" for r in run["rows"]]
+    offline = [r for run in runs if run["kind"] == "offline" for r in aggregate_repeats(run["rows"])]
     serve = [r for run in runs if run["kind"] == "serve" for r in run["rows"]]
     parts = []
     for run in runs:
@@ -179,6 +225,13 @@ def _f(value, fmt: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _speedup(r: dict) -> str:
+    """'0.93x', or '0.93x [0.90-0.96]' over repeats."""
+    text = _f(r.get("speedup"), ".2f", "x")
+    rng = r.get("speedup_range")
+    return text + (f" [{rng[0]:.2f}-{rng[1]:.2f}]" if rng and r.get("speedup") is not None else "")
+
+
 def _identical(r: dict) -> str:
     g = r.get("guard")
     if g is None:
@@ -199,7 +252,7 @@ def format_offline(rows: list[dict]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['method']} | {r.get('draft_sample_method') or '-'} "
             f"| {r.get('num_speculative_tokens') or '-'} | {r['requests']} | {r['tokens_per_second']:.1f} "
-            f"| {_f(r.get('speedup'), '.2f', 'x')} | {_f(r.get('mean_acceptance_length'), '.2f')} | {acc} "
+            f"| {_speedup(r)} | {_f(r.get('mean_acceptance_length'), '.2f')} | {acc} "
             f"| {_f(r.get('draft_acceptance_rate'), '.2f')} | {_identical(r)} |"
         )
     return "\n".join(lines) + "\n"
@@ -226,7 +279,7 @@ def format_headline(rows: list[dict]) -> str:
                 elif r["kind"] == "none":
                     cells.append(f"{r['tokens_per_second']:.1f} tok/s")
                 else:
-                    parts = [_f(r.get("speedup"), ".2f", "x"), f"τ {_f(r.get('mean_acceptance_length'), '.2f')}"]
+                    parts = [_speedup(r), f"τ {_f(r.get('mean_acceptance_length'), '.2f')}"]
                     if r.get("guard") is not None:
                         parts.append(_identical(r))
                     cells.append(" · ".join(parts))
