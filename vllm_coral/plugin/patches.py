@@ -27,6 +27,18 @@ Patches (vLLM 0.32.0, CPU platform only):
     CPUs with native bf16 are left alone (bf16 measured faster there). ``--dtype`` always
     wins; ``VLLM_CORAL_CPU_PREFER_FP32=0|1`` forces the choice.
 
+``seeded_chunked_prefill``
+    A request whose prompt is split over several scheduler steps (chunked prefill) gets a
+    token sampled at each partial step that vLLM then throws away, and for a seeded request
+    (``SamplingParams(seed=...)``, per-request generators) it rewinds the generator by
+    ``gen.set_offset(gen.get_offset() - 4)``
+    (``GPUModelRunner._bookkeeping_sync``, also used by the CPU runner). That is CUDA's
+    Philox offset; a CPU generator raises "CPU Generator does not use offset" and the
+    engine dies, so on CPU any seeded T>0 request with a long prompt killed ``LLM`` and
+    ``vllm serve``. Patched: the states of those requests' CPU generators are saved before
+    sampling and put back after it, and the offset rewind skips them. A seeded request
+    then draws the same tokens however its prompt was chunked.
+
 ``VLLM_CORAL_DISABLE_PATCHES=name[,name...]`` skips patches by name (to reproduce an
 upstream bug, or once upstream has fixed it).
 """
@@ -140,6 +152,44 @@ def _patch_cpu_prefer_fp32() -> None:
     CpuPlatform.supported_dtypes = property(supported_dtypes)
 
 
+def _discarded_cpu_generators(runner) -> dict[int, torch.Generator]:
+    """Batch index -> generator of the seeded requests whose token this step is thrown
+    away (a partial prefill chunk), CPU generators only."""
+    gens = runner.input_batch.generators
+    if not gens:
+        return {}
+    mask = runner.discard_request_mask.np[: runner.input_batch.num_reqs]
+    return {i: g for i, g in gens.items() if i < len(mask) and mask[i] and g.device.type == "cpu"}
+
+
+def _patch_seeded_chunked_prefill() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    sample, bookkeeping = GPUModelRunner._sample, GPUModelRunner._bookkeeping_sync
+    _ORIGINALS["seeded_chunked_prefill"] = (sample, bookkeeping)
+
+    def _sample(self, logits, spec_decode_metadata):
+        saved = {i: g.get_state() for i, g in _discarded_cpu_generators(self).items()}
+        out = sample(self, logits, spec_decode_metadata)
+        for i, state in saved.items():
+            self.input_batch.generators[i].set_state(state)
+        return out
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        skip = _discarded_cpu_generators(self)
+        if not skip:
+            return bookkeeping(self, *args, **kwargs)
+        gens = self.input_batch.generators
+        self.input_batch.generators = {i: g for i, g in gens.items() if i not in skip}
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            self.input_batch.generators = gens
+
+    GPUModelRunner._sample = _sample
+    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+
+
 @dataclass(frozen=True)
 class Patch:
     # Stable name, also the key in ``original()``.
@@ -164,6 +214,12 @@ PATCHES: tuple[Patch, ...] = (
         target="vllm.platforms.cpu.CpuPlatform.supported_dtypes",
         wanted=_prefer_fp32_wanted,
         apply=_patch_cpu_prefer_fp32,
+    ),
+    Patch(
+        name="seeded_chunked_prefill",
+        target="vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample / ._bookkeeping_sync",
+        wanted=lambda: True,
+        apply=_patch_seeded_chunked_prefill,
     ),
 )
 

