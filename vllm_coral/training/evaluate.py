@@ -7,7 +7,8 @@ held-out features runs that same function with the module in eval mode (recipes 
 noise then) and without gradients, over every held-out sequence once, in file order, and
 averages each term weighted by the tokens the batch scores.
 
-    vllm-coral drafter eval runs/eagle3/drafter --features /work/features/smol/heldout
+The training loop calls it for ``--heldout-features`` (every ``--eval-every`` steps and at
+the end; ``heldout.json`` in the run folder).
 """
 
 from __future__ import annotations
