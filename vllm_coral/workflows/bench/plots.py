@@ -63,9 +63,8 @@ def _spread(rows: list[dict], value: str):
     """Error bars (min/max over repeats) for the speedup of merged repeats; None otherwise."""
     if value != "speedup" or not any(r.get("speedup_range") for r in rows):
         return None
-    lo = [r[value] - (r.get("speedup_range") or [r[value]] * 2)[0] for r in rows]
-    hi = [(r.get("speedup_range") or [r[value]] * 2)[1] - r[value] for r in rows]
-    return [lo, hi]
+    ranges = [r.get("speedup_range") or [r[value]] * 2 for r in rows]
+    return [[r[value] - lo for r, (lo, _) in zip(rows, ranges)], [hi - r[value] for r, (_, hi) in zip(rows, ranges)]]
 
 
 def plot_tau(rows: list[dict], path: Path) -> bool:

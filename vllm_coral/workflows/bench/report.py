@@ -178,9 +178,7 @@ def aggregate_repeats(rows: list[dict]) -> list[dict]:
 def _merge_counters(merged: dict, rows: list[dict]) -> None:
     from vllm_coral.plugin.metrics import SpecDecodeCounters
 
-    total = SpecDecodeCounters.from_dict(rows[0]["spec_counters"])
-    for r in rows[1:]:
-        total = total + SpecDecodeCounters.from_dict(r["spec_counters"])
+    total = sum((SpecDecodeCounters.from_dict(r["spec_counters"]) for r in rows), SpecDecodeCounters())
     merged["spec_counters"] = total.to_dict()
     merged["mean_acceptance_length"] = total.mean_acceptance_length
     merged["acceptance_per_position"] = total.acceptance_per_position
