@@ -143,6 +143,15 @@ class SpecDecodeCounters:
             "acceptance_per_position": self.acceptance_per_position,
         }
 
+    def row_fields(self) -> dict:
+        """What a benchmark row records from these counters (offline, served, or merged repeats)."""
+        return {
+            "spec_counters": self.to_dict(),
+            "mean_acceptance_length": self.mean_acceptance_length,
+            "acceptance_per_position": self.acceptance_per_position,
+            "draft_acceptance_rate": self.draft_acceptance_rate,
+        }
+
 
 def _pad(values: Iterable[int], n: int) -> list[int]:
     values = list(values)

@@ -244,10 +244,8 @@ def request_seed(seed: int, request_id: str) -> int:
 
 def set_acceptance(row, counters) -> None:
     """A row's acceptance figures (offline or served) from its vLLM spec-decode counters."""
-    row.spec_counters = counters.to_dict()
-    row.mean_acceptance_length = counters.mean_acceptance_length
-    row.acceptance_per_position = counters.acceptance_per_position
-    row.draft_acceptance_rate = counters.draft_acceptance_rate
+    for name, value in counters.row_fields().items():
+        setattr(row, name, value)
 
 
 def fill_speedups(rows: list, key) -> None:

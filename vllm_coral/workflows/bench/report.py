@@ -179,10 +179,7 @@ def _merge_counters(merged: dict, rows: list[dict]) -> None:
     from vllm_coral.plugin.metrics import SpecDecodeCounters
 
     total = sum((SpecDecodeCounters.from_dict(r["spec_counters"]) for r in rows), SpecDecodeCounters())
-    merged["spec_counters"] = total.to_dict()
-    merged["mean_acceptance_length"] = total.mean_acceptance_length
-    merged["acceptance_per_position"] = total.acceptance_per_position
-    merged["draft_acceptance_rate"] = total.draft_acceptance_rate
+    merged.update(total.row_fields())
 
 
 def write_report(runs: list[dict], out: Path, *, summary_name: str = "summary.md") -> list[Path]:
