@@ -146,16 +146,8 @@ class PadDecoderLayer(LlamaDecoderLayer):
         super().__init__(s)
         self.mlp.down_proj = nn.Linear(s.intermediate_size, 2 * s.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, S, H]
-        cos: torch.Tensor,  # [B, S, D]
-        sin: torch.Tensor,  # [B, S, D]
-        attn_mask: torch.Tensor | None = None,  # [B or 1, 1, S, S_k] bool, None = causal
-        kv_inputs: list[torch.Tensor] | None = None,  # keys/values from these inputs (HASS)
-    ) -> torch.Tensor:  # [B, S, 2H] = [predict | regress]
-        r = x + self.self_attn(x, cos, sin, attn_mask, kv_inputs)
-        return torch.cat((r, r), dim=-1) + self.mlp(self.post_attention_layernorm(r))
+    def skip(self, r: torch.Tensor) -> torch.Tensor:  # [B, S, 2H]: forward returns [predict | regress]
+        return torch.cat((r, r), dim=-1)
 
 
 class FspadDrafter(nn.Module):

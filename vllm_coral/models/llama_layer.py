@@ -153,4 +153,8 @@ class LlamaDecoderLayer(nn.Module):
         kv_inputs: list[torch.Tensor] | None = None,  # keys/values from these inputs (HASS)
     ) -> torch.Tensor:  # [B, S, H]
         r = x + self.self_attn(x, cos, sin, attn_mask, kv_inputs)
-        return r + self.mlp(self.post_attention_layernorm(r))
+        return self.skip(r) + self.mlp(self.post_attention_layernorm(r))
+
+    def skip(self, r: torch.Tensor) -> torch.Tensor:
+        """The MLP's residual branch (FSPAD's PAD layer widens it to 2H)."""
+        return r
