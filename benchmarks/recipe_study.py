@@ -56,6 +56,12 @@ VARIANTS = {
     "eagle3-u3-detach": ("eagle3", {"unroll": 3, "detach": True}, "EAGLE-3 u3, no gradient between steps"),
     "eagle3-u3-csra": ("eagle3-csra", {"unroll": 3}, "EAGLE-3 u3 + CORAL's CSRA"),
     "fspad": ("fspad", {}, "FSPAD: feature sampling + partial alignment distillation, 1 step"),
+    # FSPAD's ablation at the reduced loss vocabulary (both switches off is EAGLE: eagle-v8k).
+    "coral-v8k": ("coral", {"loss_vocab": 8192}, "CORAL (HASS + CSRA), logit losses over 8192 tokens"),
+    "fspad-v8k": ("fspad", {"loss_vocab": 8192}, "FSPAD, logit losses over 8192 tokens"),
+    "fspad-nofs-v8k": ("fspad", {"loss_vocab": 8192, "feature_sampling": False}, "FSPAD without feature sampling"),
+    "fspad-nopad-v8k": ("fspad", {"loss_vocab": 8192, "pad": False}, "FSPAD without partial alignment"),
+    "fspad-hass-v8k": ("fspad-hass", {"loss_vocab": 8192}, "FSPAD + HASS's 3 harmonized steps + top-10 (ours)"),
 }
 
 

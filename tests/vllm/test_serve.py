@@ -96,15 +96,17 @@ def test_vllm_serve_with_self_drafting(target_path, tmp_path):
         assert spec_counts.acceptance_per_position == pytest.approx([1.0, 1.0], abs=0.01)
 
 
-def test_vllm_serve_with_committed_coral_drafter(target_path, target_greedy, tmp_path):
-    """The README's serving command for a CORAL checkpoint: plain ``vllm serve`` with the
-    plugin installed, output identical to the target alone."""
+@pytest.mark.parametrize("drafter", ["coral", "fspad"])
+def test_vllm_serve_with_committed_plugin_drafter(drafter, target_path, target_greedy, tmp_path):
+    """The README's serving command for a CORAL or FSPAD checkpoint (architectures the plugin
+    registers): plain ``vllm serve`` with the plugin installed, output identical to the
+    target alone."""
     from vllm_coral.demo import committed_drafters
     from vllm_coral.plugin.metrics import SpecDecodeCounters
 
     from .conftest import MAX_TOKENS, PROMPTS
 
-    spec = {"method": "eagle", "model": str(committed_drafters("smollm2-135m")["coral"]), "num_speculative_tokens": 3}
+    spec = {"method": "eagle", "model": str(committed_drafters("smollm2-135m")[drafter]), "num_speculative_tokens": 3}
     with _served(target_path, spec, tmp_path / "serve.log") as base:
         for prompt, want in zip(PROMPTS[:2], target_greedy.texts[:2]):
             assert _chat(base, target_path, prompt, MAX_TOKENS) == want
