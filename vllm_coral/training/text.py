@@ -18,7 +18,7 @@ is a training token: ``loss_mask`` is all ones), so the training data reader and
 are shared; only ``train small-lm --loss ce`` accepts them (no target distribution here).
 Documents are listed per shard in ``index.json``; a killed run redoes at most one shard.
 
-    vllm-coral data text --input sharegpt --out /work/text/sharegpt --max-tokens 5000000
+    vllm-coral data text --input sharegpt --out data/text/sharegpt --max-tokens 5000000
 """
 
 from __future__ import annotations
