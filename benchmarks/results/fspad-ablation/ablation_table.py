@@ -12,6 +12,7 @@ the order of ``RUNS``.
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 
 from vllm_coral.workflows.bench.report import aggregate_repeats, step_cost
@@ -29,6 +30,7 @@ BENCH_NAMES = {
 RUNS = {kind: [f"fspad-{kind}", f"baselines-{kind}"] for kind in ("b1-t0", "b1-t1", "b8")}
 
 
+@cache  # each run file is read once, not once per drafter and setting
 def _rows(run: str) -> list[dict]:
     path = HERE / "bench" / run / "bench_offline.json"
     return aggregate_repeats(json.loads(path.read_text())["rows"]) if path.exists() else []
