@@ -14,7 +14,10 @@ same chat prompts at T=0:
    drafter (``train small-lm``), served by vLLM's own ``draft_model`` method.
 
 and prints a table (tokens/s, speedup, τ, acceptance per position, and whether every
-output is token-identical to the target's), writing the same numbers to JSON.
+output is token-identical to the target's), writing the same numbers to JSON. Requests run
+one at a time (batch 1, as the papers measure speedups), and each method's pass runs three
+times, each beside a pass of the target alone, so the speedup is a median of paired ratios
+with its min-max rather than one run on a possibly busy machine.
 
 It runs in float32 by default. In bfloat16, verifying k+1 tokens in one forward rounds
 differently from decoding them one at a time, and on SmolLM2 one of the four default
@@ -34,7 +37,7 @@ from vllm_coral.plugin.engine import quiet_vllm_logs
 from vllm_coral.prompts import Prompt
 from vllm_coral.workflows.bench.methods import drafter_entry, resolve_methods
 from vllm_coral.workflows.bench.offline import OfflineRow, run_offline
-from vllm_coral.workflows.bench.report import run_metadata, write_run
+from vllm_coral.workflows.bench.report import aggregate_repeats, identical_text, run_metadata, speedup_text, write_run
 from vllm_coral.workflows.install import pip_install
 
 __all__ = ["DEFAULT_PROMPTS", "committed_drafters", "format_table", "run_demo"]
@@ -66,9 +69,13 @@ def run_demo(
     max_tokens: int = 128,
     prompts: list[Prompt] | None = None,
     dtype: str = "float32",
+    batch_size: int | None = 1,
+    repeats: int = 3,
     out: Path | None = None,
 ) -> list[OfflineRow]:
-    """The demo's rows: one vLLM engine per method, all prompts in one batch, T=0."""
+    """The demo's rows: one vLLM engine per method, T=0, one request at a time by default
+    (``batch_size`` None: all prompts in one call), every method's pass ``repeats`` times,
+    each paired with a target pass (see :mod:`vllm_coral.workflows.bench.offline`)."""
     quiet_vllm_logs()
     model = fetch_target(target, installer=pip_install)
     print(f"target: {model}", file=sys.stderr)
@@ -82,26 +89,25 @@ def run_demo(
         prompts = [Prompt(id=f"demo/{i}", turns=(p,)) for i, p in enumerate(DEFAULT_PROMPTS)]
     meta = run_metadata()
     rows = run_offline(model, specs, {"demo": prompts}, temperatures=[0.0], draft_sample_methods=["greedy"],
-                       max_tokens=max_tokens, batch_size=None, dtype=dtype,
+                       max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, repeats=repeats,
                        log=lambda msg: print(msg, file=sys.stderr))  # fmt: skip
     if out is not None:
         config = {"target": target, "max_tokens": max_tokens, "k": num_speculative_tokens, "dtype": dtype,
-                  "methods": entries}  # fmt: skip
+                  "batch_size": batch_size, "repeats": repeats, "methods": entries}  # fmt: skip
         write_run(out, "offline", rows, config, meta)
     return rows
 
 
 def format_table(rows: list[OfflineRow]) -> str:
-    """The demo's compact table (the full one is ``bench_offline.md`` with ``--out``)."""
-    header = "| method | startup s | tok/s | speedup | τ | acceptance per position | identical to target |"
+    """The demo's compact table, repeats merged (the full one is ``bench_offline.md`` with ``--out``)."""
+    header = "| method | startup s | tok/s | speedup, median [min-max] | τ | acceptance per position | identical to target |"
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.method} | - | - | - | - | - | error: {r.error} |")
+    for r in aggregate_repeats([r.to_dict() for r in rows]):
+        if r.get("error"):
+            lines.append(f"| {r['method']} | - | - | - | - | - | error: {r['error']} |")
             continue
-        tau = f"{r.mean_acceptance_length:.2f}" if r.mean_acceptance_length is not None else "-"
-        acc = " ".join(f"{a:.2f}" for a in r.acceptance_per_position) or "-"
-        same = f"{r.guard['identical']}/{r.guard['compared']}" if r.guard else "-"
-        lines.append(f"| {r.method} | {r.startup_s:.1f} | {r.tokens_per_second:.1f} | {r.speedup:.2f}x | {tau} | {acc} "
-                     f"| {same} |")  # fmt: skip
+        tau = f"{r['mean_acceptance_length']:.2f}" if r.get("mean_acceptance_length") is not None else "-"
+        acc = " ".join(f"{a:.2f}" for a in r.get("acceptance_per_position") or []) or "-"
+        lines.append(f"| {r['method']} | {r['startup_s']:.1f} | {r['tokens_per_second']:.1f} | {speedup_text(r)} | {tau} "
+                     f"| {acc} | {identical_text(r)} |")  # fmt: skip
     return "\n".join(lines)

@@ -133,21 +133,61 @@ def test_reference_methods_file_resolves(target_config):
     assert [s.method for s in specs] == ["none", "ngram", "eagle", "hass", "coral", "fspad", "small-lm"]
 
 
-def test_repeats_run_the_plan_in_turn_each_against_its_own_target(monkeypatch):
+def _fake_engines(monkeypatch, speeds: dict[str, list[float]], fail: str | None = None):
+    """Engines that record every timed pass as (engine, row method, repeat) and take their
+    tokens/s from ``speeds[engine]`` in turn; ``fail`` names an engine whose passes crash."""
+    from contextlib import contextmanager
+
+    from vllm_coral.plugin import engine
     from vllm_coral.workflows.bench import offline
 
-    speeds = iter([100.0, 90.0, 50.0, 48.0])  # target, eagle; then the machine slows down by half
-    calls = []
+    passes, speeds = [], {name: iter(values) for name, values in speeds.items()}
 
-    def fake_engine(model, spec, mode, temps, datasets, settings, reference, label, log):
-        calls.append(label)
-        return [offline.OfflineRow("d", spec.name, spec.method, 0.0, mode, None, None, tokens_per_second=next(speeds))]
+    @contextmanager
+    def fake_open(**kwargs):
+        name = (kwargs["speculative_config"] or {}).get("method", "target")
+        yield type("LLM", (), {"name": name, "vllm_coral_startup_s": 1.0})()
 
-    monkeypatch.setattr(offline, "_run_engine", fake_engine)
+    def fake_dataset(llm, prompts, row, settings, *, warmup, desc):
+        passes.append((llm.name, row.method, row.repeat))
+        if llm.name == fail:
+            raise RuntimeError("boom")
+        row.tokens_per_second = next(speeds[llm.name])
+        return {"r": [1, 2]}, {"r": [0]}
+
+    monkeypatch.setattr(engine, "engine_kwargs", lambda model, **kw: kw)
+    monkeypatch.setattr(engine, "open_llm", fake_open)
+    monkeypatch.setattr(offline, "_run_dataset", fake_dataset)
+    return passes
+
+
+def test_every_method_pass_is_paired_with_an_adjacent_target_pass(monkeypatch):
+    from vllm_coral.workflows.bench import offline
+
+    # The machine slows down by half after the first pair: paired ratios stay 0.9-0.96.
+    passes = _fake_engines(monkeypatch, {"target": [100.0, 100.0, 50.0, 50.0], "eagle": [90.0, 48.0, 47.0]})
     specs = [MethodSpec("target", "none"), MethodSpec("eagle", "eagle", {"method": "eagle"})]
-    rows = offline.run_offline("m", specs, {"d": []}, temperatures=[0.0], draft_sample_methods=["greedy"], repeats=2)
-    assert calls == ["[1/4] target", "[2/4] eagle (greedy)", "[3/4] target", "[4/4] eagle (greedy)"]
-    assert [(r.method, r.repeat) for r in rows] == [("target", 0), ("eagle", 0), ("target", 1), ("eagle", 1)]
-    assert [r.speedup for r in rows] == pytest.approx([1.0, 0.9, 1.0, 0.96])
+    rows = offline.run_offline("m", specs, {"d": []}, temperatures=[0.0], draft_sample_methods=["greedy"], repeats=3)
+    # target's own pass, then pairs in alternating order: T M, M T, T M.
+    assert passes == [("target", "target", 0), ("target", "target", 0), ("eagle", "eagle", 0),
+                      ("eagle", "eagle", 1), ("target", "target", 1), ("target", "target", 2), ("eagle", "eagle", 2)]
+    assert [(r.method, r.repeat) for r in rows] == [("target", 0), ("eagle", 0), ("eagle", 1), ("eagle", 2)]
+    assert [r.speedup for r in rows] == pytest.approx([1.0, 0.9, 0.96, 0.94])
+    assert [r.baseline_tokens_per_second for r in rows] == [None, 100.0, 50.0, 50.0]
+    assert [r.guard["identical"] for r in rows[1:]] == [1, 1, 1]  # against the target's own first pass
     with pytest.raises(offline.BenchError, match="repeats must be at least 1"):
         offline.run_offline("m", specs, {"d": []}, temperatures=[0.0], draft_sample_methods=["greedy"], repeats=0)
+
+
+def test_a_failing_method_is_a_row_error_and_a_failing_target_stops_the_run(monkeypatch):
+    from vllm_coral.workflows.bench import offline
+
+    specs = [MethodSpec("target", "none"), MethodSpec("eagle", "eagle", {"method": "eagle"})]
+    _fake_engines(monkeypatch, {"target": [100.0] * 4}, fail="eagle")
+    rows = offline.run_offline("m", specs, {"d": []}, temperatures=[0.0], draft_sample_methods=["greedy"], repeats=2)
+    assert [(r.method, r.error, r.speedup) for r in rows] == [
+        ("target", None, 1.0), ("eagle", "generation failed: RuntimeError: boom", None),
+        ("eagle", "generation failed: RuntimeError: boom", None)]
+    _fake_engines(monkeypatch, {}, fail="target")
+    with pytest.raises(offline.BenchError, match="the target alone failed, nothing to compare with: RuntimeError: boom"):
+        offline.run_offline("m", specs, {"d": []}, temperatures=[0.0], draft_sample_methods=["greedy"])

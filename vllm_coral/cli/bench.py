@@ -27,6 +27,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         prompts=prompts,
         dtype=args.dtype,
+        batch_size=args.batch_size or None,
+        repeats=args.repeats,
         out=args.out,
     )
     print(format_table(results))
@@ -43,12 +45,13 @@ def _bench_inputs(args: argparse.Namespace):
     from vllm_coral.plugin.engine import quiet_vllm_logs
     from vllm_coral.workflows.bench.methods import drafter_entry, load_methods_file, parse_method, resolve_methods
     from vllm_coral.workflows.bench.questions import load_questions
+    from vllm_coral.workflows.bench.sweep import expand_k
 
     quiet_vllm_logs()  # VLLM_LOGGING_LEVEL=INFO in the environment brings vLLM's logs back
     target = resolve_target(args.target)
     target_config = read_config(target)
     entries: list = []
-    default_k, base_dir = args.k, Path.cwd()
+    default_k, base_dir = args.k[0], Path.cwd()
     if args.methods:
         entries, file_k, base_dir = load_methods_file(args.methods)
         default_k = file_k or default_k
@@ -56,6 +59,7 @@ def _bench_inputs(args: argparse.Namespace):
     if not entries:
         entries = [{"name": "target", "method": "none"}, {"name": "ngram", "method": "ngram"}]
         entries += [drafter_entry(name, path) for name, path in committed_drafters(args.target).items()]
+    entries = expand_k(entries, args.k)
     specs = resolve_methods(entries, target_config=target_config, default_k=default_k, base_dir=base_dir,
                             resolve_model=resolve_target)  # fmt: skip
     for spec in specs:
@@ -156,6 +160,9 @@ def _add_demo(sub) -> None:
     demo.add_argument(
         "--dtype", default="float32", help="vLLM dtype: float32 (exact comparison), bfloat16, auto"
     )
+    demo.add_argument("--batch-size", type=int, default=1, help="requests per vLLM call (0: all prompts at once)")
+    demo.add_argument("--repeats", type=int, default=3,
+                      help="passes per method, each paired with a target pass (median speedup, min-max)")
     demo.add_argument("--out", type=Path, default=None, help="write bench_offline.json/.md and plots here")
     demo.set_defaults(func=_cmd_demo)
 
@@ -176,8 +183,9 @@ def _add_bench(sub) -> None:
         b.add_argument("--num-prompts", type=int, default=None if kind == "offline" else 16,
                        help="questions per file (default: all offline, 16 served)")  # fmt: skip
         b.add_argument("--max-tokens", type=int, default=128, help="per turn")
-        b.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=3,
-                       help="default k for rows that do not set it")  # fmt: skip
+        b.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, nargs="+", default=[3],
+                       help="default k for rows that do not set it; several (e.g. 2 3 4 5 6): each such row "
+                            "runs once per k, and the report shows the sweep and the best k")  # fmt: skip
         b.add_argument("--draft-sample-method", nargs="+", choices=["greedy", "probabilistic"],
                        default=["greedy", "probabilistic"], help="at T>0, each one gets its own rows")  # fmt: skip
         b.add_argument("--seed", type=int, default=0)
@@ -187,7 +195,8 @@ def _add_bench(sub) -> None:
             b.add_argument("--temperature", nargs="+", type=float, default=[0.0], help="e.g. 0 1")
             b.add_argument("--batch-size", type=int, default=8, help="requests per vLLM call (0: all at once)")
             b.add_argument("--repeats", type=int, default=1,
-                           help="run every row N times in turn, each against its own target-alone row (spread)")  # fmt: skip
+                           help="time every method's rows N times, each pass paired with a target pass "
+                                "(median speedup and its min-max)")  # fmt: skip
             b.set_defaults(func=_cmd_bench_offline)
         else:
             b.add_argument("--temperature", type=float, default=0.0)

@@ -16,10 +16,15 @@ output tokens/s over the generate calls, speedup over the target alone at the sa
 acceptance rate from vLLM's spec-decode counters (the difference of two snapshots), and
 at T=0 the correctness guard against the target's tokens (:mod:`.guard`).
 
-With ``repeats`` N the whole plan runs N times in turn, the target alone first each time,
-and every row's speedup is taken against the target alone of its own repeat: a shared
-machine's slow drift cancels out of the ratio, and the reports give each ratio's mean with
-its min-max over the repeats (:func:`.report.aggregate_repeats`).
+Speedups are paired, so that they survive a busy machine: the target alone's engine
+stays open for the whole run, and every method's (dataset, T) pass is timed next to a
+target pass on the same prompts, in alternating order (target first on even repeats,
+method first on odd ones), each speedup against its own neighbour. With ``repeats`` N a
+method runs each (dataset, T) N times, and the reports give the median ratio with its
+min-max (:func:`.report.aggregate_repeats`). A background job that starts or stops
+between two methods then moves both sides of a ratio alike (a run without pairing once
+showed a drafter at τ 1.33 as 2.6x faster than the target). The target alone's own rows
+come from its first pass, the reference of the correctness guard.
 
 At T>0 every request has its own seed (the run seed and a hash of the request id), so
 a rerun draws the same samples however the requests are batched.
@@ -32,7 +37,8 @@ speedup can be measured without it.
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vllm_coral.prompts import Prompt
@@ -60,8 +66,10 @@ class OfflineRow:
     # Wall-clock seconds of the generate calls alone.
     seconds: float = 0.0
     tokens_per_second: float = 0.0
-    # tokens/s over the target alone's at the same (dataset, T); None if either failed.
+    # tokens/s over the target alone's pass paired with this one; None if either failed.
     speedup: float | None = None
+    # tokens/s of that paired target pass (the target alone's own rows: None).
+    baseline_tokens_per_second: float | None = None
     mean_acceptance_length: float | None = None
     acceptance_per_position: list[float] = field(default_factory=list)
     draft_acceptance_rate: float | None = None
@@ -72,7 +80,7 @@ class OfflineRow:
     # Seconds to start this row's engine (shared by the rows of one engine).
     startup_s: float | None = None
     error: str | None = None
-    # Which pass of the plan this row comes from (0 .. repeats-1).
+    # Which repeat of this method's (dataset, T) pass this row is (0 .. repeats-1).
     repeat: int = 0
 
     def to_dict(self) -> dict:
@@ -108,6 +116,7 @@ class _Settings:
     batch_size: int | None
     seed: int
     dtype: str
+    repeats: int = 1
 
 
 def run_offline(
@@ -124,28 +133,67 @@ def run_offline(
     repeats: int = 1,
     log=print,
 ) -> list[OfflineRow]:
-    """Run the plan ``repeats`` times; returns one row per (repeat, engine, dataset, T)."""
+    """The target alone's rows (one per dataset and T), then one row per (method engine,
+    dataset, T, repeat), each with its speedup over its paired target pass."""
     if repeats < 1:
         raise BenchError(f"repeats must be at least 1, got {repeats}")
     plan = engine_plan(specs, temperatures, draft_sample_methods)
-    settings = _Settings(max_tokens, batch_size, seed, dtype)
-    rows: list[OfflineRow] = []
+    if not plan or plan[0][0].method != "none":
+        raise BenchError("the plan must start with the target alone (resolve_methods adds it)")
+    settings = _Settings(max_tokens, batch_size, seed, dtype, repeats)
     # (dataset, T) -> the target alone's (output tokens, prompt tokens) per request.
     reference: dict[tuple[str, float], tuple[dict[str, list[int]], dict[str, list[int]]]] = {}
-    for rep in range(repeats):
-        for n, (spec, mode, temps) in enumerate(plan, 1):
-            label = f"[{rep * len(plan) + n}/{repeats * len(plan)}] " + spec.name + (f" ({mode})" if mode else "")
-            new = _run_engine(model, spec, mode, temps, datasets, settings, reference, label, log)
-            for r in new:
-                r.repeat = rep
-            rows += new
-    fill_speedups(rows, key=lambda r: (r.dataset, r.temperature, r.repeat))
+    total = len(plan)
+    with _target_engine(model, plan[0][0], settings, log, f"[1/{total}] {plan[0][0].name}") as baseline:
+        rows = _target_rows(baseline, plan[0][0], plan[0][2], datasets, settings, reference, log)
+        for n, (spec, mode, temps) in enumerate(plan[1:], 2):
+            label = f"[{n}/{total}] " + spec.name + (f" ({mode})" if mode else "")
+            rows += _run_engine(model, spec, mode, temps, datasets, settings, reference, label, log, baseline)
+    return rows
+
+
+@contextmanager
+def _target_engine(model, spec: MethodSpec, settings: _Settings, log, label: str):
+    """The target alone's engine, open for the whole run; failing to start stops the run."""
+    from vllm_coral.plugin.engine import engine_kwargs, open_llm
+
+    log(f"{label}: starting vLLM ...")
+    try:
+        manager = open_llm(**engine_kwargs(model, speculative_config=None, dtype=settings.dtype, seed=settings.seed))
+        llm = manager.__enter__()
+    except Exception as e:  # noqa: BLE001
+        raise BenchError(f"the target alone failed, nothing to compare with: {one_line(e)}") from e
+    try:
+        yield llm
+    finally:
+        manager.__exit__(None, None, None)
+
+
+def _target_rows(llm, spec: MethodSpec, temps: list[float], datasets: dict[str, list[Prompt]], settings: _Settings,
+                 reference: dict, log) -> list[OfflineRow]:  # fmt: skip
+    """The target alone's first pass over every (dataset, T): its rows and the guard's reference."""
+    rows = []
+    for t in temps:
+        for dataset, prompts in datasets.items():
+            row = OfflineRow(dataset=dataset, method=spec.name, kind=spec.method, temperature=t, draft_sample_method=None,
+                             num_speculative_tokens=None, speculative_config=None, startup_s=llm.vllm_coral_startup_s)  # fmt: skip
+            try:
+                tokens, prompt_ids = _run_dataset(llm, prompts, row, settings, warmup=not rows,
+                                                  desc=f"{spec.name} · {dataset} T={t:g}")  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                raise BenchError(f"the target alone failed, nothing to compare with: {one_line(e)}") from e
+            row.speedup = 1.0
+            if t == 0.0:
+                reference[(dataset, t)] = (tokens, prompt_ids)
+            rows.append(row)
+            log(f"    {_summary(row)}")
     return rows
 
 
 def _run_engine(model, spec: MethodSpec, mode: str | None, temps: list[float], datasets: dict[str, list[Prompt]],
-                settings: _Settings, reference: dict, label: str, log) -> list[OfflineRow]:  # fmt: skip
-    """One vLLM engine: every dataset at every temperature; a failure becomes error rows."""
+                settings: _Settings, reference: dict, label: str, log, baseline) -> list[OfflineRow]:  # fmt: skip
+    """One method's vLLM engine: every dataset at every temperature, ``settings.repeats``
+    times, each pass paired with a target pass on ``baseline``; a failure becomes error rows."""
     from vllm_coral.plugin.engine import engine_kwargs, open_llm
 
     config = spec.engine_config(mode)
@@ -163,34 +211,50 @@ def _run_engine(model, spec: MethodSpec, mode: str | None, temps: list[float], d
     try:
         kwargs = engine_kwargs(model, speculative_config=config, dtype=settings.dtype, seed=settings.seed)
         with open_llm(**kwargs) as llm:
-            first = True
             for t in temps:
                 for dataset, prompts in datasets.items():
-                    row = new_row(dataset, t, startup_s=llm.vllm_coral_startup_s)
-                    try:
-                        tokens, prompt_ids = _run_dataset(llm, prompts, row, settings, warmup=first,
-                                                          desc=f"{spec.name} · {dataset} T={t:g}")  # fmt: skip
-                    except Exception as e:  # noqa: BLE001 - a crashed row is reported, the run goes on
-                        if spec.method == "none":
-                            raise
-                        row.error, tokens = f"generation failed: {one_line(e)}", None
-                    first = False
-                    rows.append(row)
-                    if tokens is not None and t == 0.0:
-                        if spec.method == "none":
-                            reference[(dataset, t)] = (tokens, prompt_ids)
-                        elif (dataset, t) in reference:
-                            want, want_prompts = reference[(dataset, t)]
-                            row.guard = compare_tokens(want, tokens, want_prompts).to_dict()
-                    log(f"    {_summary(row)}")
+                    for rep in range(settings.repeats):
+                        row = new_row(dataset, t, startup_s=llm.vllm_coral_startup_s, repeat=rep)
+                        _paired_pass(llm, baseline, prompts, row, settings, reference, warmup=not rows,
+                                     desc=f"{spec.name} · {dataset} T={t:g}")  # fmt: skip
+                        rows.append(row)
+                        log(f"    {_summary(row)}")
+    except BenchError:
+        raise
     except Exception as e:  # noqa: BLE001
-        if spec.method == "none":
-            raise BenchError(f"the target alone failed, nothing to compare with: {one_line(e)}") from e
         error = f"vLLM engine failed: {one_line(e)}"
         log(f"    {label}: {error}")
         done = {(r.dataset, r.temperature) for r in rows}
         rows += [new_row(d, t, error=error) for t in temps for d in datasets if (d, t) not in done]
     return rows
+
+
+def _paired_pass(llm, baseline, prompts: list[Prompt], row: OfflineRow, settings: _Settings, reference: dict, *,
+                 warmup: bool, desc: str) -> None:  # fmt: skip
+    """One pass of the method and one of the target alone, next to each other (target
+    first on even repeats); fills ``row`` with its figures, guard and paired speedup. A
+    failing method pass becomes the row's error; a failing target pass stops the run."""
+    target = replace(row, method="target", kind="none", speculative_config=None)
+    order = ("target", "method") if row.repeat % 2 == 0 else ("method", "target")
+    tokens = None
+    for who in order:
+        if who == "target":
+            try:
+                _run_dataset(baseline, prompts, target, settings, warmup=False, desc=f"target · {desc}")
+            except Exception as e:  # noqa: BLE001
+                raise BenchError(f"the target alone failed, nothing to compare with: {one_line(e)}") from e
+            continue
+        try:
+            tokens, _ = _run_dataset(llm, prompts, row, settings, warmup=warmup, desc=desc)
+        except Exception as e:  # noqa: BLE001 - a crashed row is reported, the run goes on
+            row.error = f"generation failed: {one_line(e)}"
+    if row.error is not None:
+        return
+    row.baseline_tokens_per_second = target.tokens_per_second
+    row.speedup = row.tokens_per_second / target.tokens_per_second if target.tokens_per_second > 0 else None
+    if tokens is not None and row.temperature == 0.0 and (row.dataset, 0.0) in reference:
+        want, want_prompts = reference[(row.dataset, 0.0)]
+        row.guard = compare_tokens(want, tokens, want_prompts).to_dict()
 
 
 def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, settings: _Settings, *, warmup: bool,

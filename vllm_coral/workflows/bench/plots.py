@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["plot_acceptance", "plot_serve", "plot_speedup", "plot_tau", "row_label"]
+__all__ = ["plot_acceptance", "plot_serve", "plot_speedup", "plot_tau", "pyplot", "row_label"]
 
 
 def row_label(r: dict) -> str:
@@ -15,7 +15,7 @@ def row_label(r: dict) -> str:
     return r["method"] + (f" ({r['draft_sample_method']})" if r.get("draft_sample_method") and r["temperature"] > 0 else "")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +28,7 @@ def _grouped_bars(rows: list[dict], value: str, path: Path, ylabel: str, ref_lin
     ok = [r for r in rows if not r.get("error") and r.get(value) is not None]
     if not ok:
         return False
-    plt = _plt()
+    plt = pyplot()
     temps = sorted({r["temperature"] for r in ok})
     datasets = list(dict.fromkeys(r["dataset"] for r in ok))
     most = max(len({row_label(r) for r in ok if r["temperature"] == t}) for t in temps)
@@ -80,7 +80,7 @@ def plot_acceptance(rows: list[dict], path: Path) -> bool:
     ok = [r for r in rows if not r.get("error") and r.get("acceptance_per_position")]
     if not ok:
         return False
-    plt = _plt()
+    plt = pyplot()
     panels = list(dict.fromkeys((r["temperature"], r["dataset"]) for r in ok))
     cols = min(3, len(panels))
     nrows = (len(panels) + cols - 1) // cols
@@ -109,7 +109,7 @@ def plot_serve(rows: list[dict], path: Path) -> bool:
     ok = [r for r in rows if not r.get("error")]
     if not ok:
         return False
-    plt = _plt()
+    plt = pyplot()
     datasets = list(dict.fromkeys(r["dataset"] for r in ok))
     fig, axes = plt.subplots(len(datasets), 3, figsize=(15, 4 * len(datasets)), squeeze=False)
     for row_axes, d in zip(axes, datasets):

@@ -20,6 +20,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,12 @@ from pathlib import Path
 from vllm_coral.models.checkpoint import portable_text
 from vllm_coral.workflows.bench.plots import plot_acceptance, plot_serve, plot_speedup, plot_tau
 from vllm_coral.workflows.bench.plots import row_label as _label
+from vllm_coral.workflows.bench.sweep import format_k_sweep, plot_k_sweep
 
 __all__ = [
     "aggregate_repeats",
+    "identical_text",
+    "speedup_text",
     "cpu_name",
     "device_description",
     "format_headline",
@@ -147,11 +151,11 @@ def aggregate_repeats(rows: list[dict]) -> list[dict]:
     """One row per (dataset, T, method, draft sampling) of one run: the repeats of
     ``bench offline --repeats N`` merged, in first-seen order.
 
-    tokens/s and speedup become their means over the repeats that ran, with
-    ``speedup_range`` = [min, max] and ``repeats`` = how many; τ and acceptance are the
-    counters summed over the repeats. A row whose every repeat failed keeps its error.
-    Rows without repeats pass through unchanged. Worked example: speedups 0.90, 0.96,
-    0.93 -> 0.93x with range [0.90, 0.96].
+    tokens/s and speedup become their medians over the repeats that ran (robust to one
+    disturbed pass), with ``speedup_range`` = [min, max] and ``repeats`` = how many; τ and
+    acceptance are the counters summed over the repeats. A row whose every repeat failed
+    keeps its error. Rows without repeats pass through unchanged. Worked example: speedups
+    0.90, 0.96, 0.93 -> 0.93x with range [0.90, 0.96].
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -163,9 +167,11 @@ def aggregate_repeats(rows: list[dict]) -> list[dict]:
             out.append(group[0])
             continue
         merged = {**ok[0], "repeats": len(ok)}
-        merged["tokens_per_second"] = sum(r["tokens_per_second"] for r in ok) / len(ok)
+        for key in ("tokens_per_second", "baseline_tokens_per_second"):
+            values = [r[key] for r in ok if r.get(key) is not None]
+            merged[key] = statistics.median(values) if values else None
         speedups = [r["speedup"] for r in ok if r.get("speedup") is not None]
-        merged["speedup"] = sum(speedups) / len(speedups) if speedups else None
+        merged["speedup"] = statistics.median(speedups) if speedups else None
         merged["speedup_range"] = [min(speedups), max(speedups)] if speedups else None
         for key in ("requests", "output_tokens", "seconds"):
             merged[key] = sum(r[key] for r in ok)
@@ -202,6 +208,11 @@ def write_report(runs: list[dict], out: Path, *, summary_name: str = "summary.md
         for name, fn in (("tau.png", plot_tau), ("acceptance.png", plot_acceptance), ("speedup.png", plot_speedup)):
             if fn(offline, out / name):
                 written.append(out / name)
+        sweep = format_k_sweep(offline)
+        if sweep:
+            text += ["\n## k sweep (speedup and τ per k; best k = highest median speedup)\n", sweep]
+            if plot_k_sweep(offline, out / "k_sweep.png"):
+                written.append(out / "k_sweep.png")
         cost = format_step_cost(offline)
         if cost:
             text += ["\n## Where the time goes (T=0)\n", cost]
@@ -220,14 +231,14 @@ def _f(value, fmt: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
-def _speedup(r: dict) -> str:
+def speedup_text(r: dict) -> str:
     """'0.93x', or '0.93x [0.90-0.96]' over repeats."""
     text = _f(r.get("speedup"), ".2f", "x")
     rng = r.get("speedup_range")
     return text + (f" [{rng[0]:.2f}-{rng[1]:.2f}]" if rng and r.get("speedup") is not None else "")
 
 
-def _identical(r: dict) -> str:
+def identical_text(r: dict) -> str:
     g = r.get("guard")
     if g is None:
         return "-"
@@ -247,8 +258,8 @@ def format_offline(rows: list[dict]) -> str:
         lines.append(
             f"| {r['dataset']} | {r['temperature']:g} | {r['method']} | {r.get('draft_sample_method') or '-'} "
             f"| {r.get('num_speculative_tokens') or '-'} | {r['requests']} | {r['tokens_per_second']:.1f} "
-            f"| {_speedup(r)} | {_f(r.get('mean_acceptance_length'), '.2f')} | {acc} "
-            f"| {_f(r.get('draft_acceptance_rate'), '.2f')} | {_identical(r)} |"
+            f"| {speedup_text(r)} | {_f(r.get('mean_acceptance_length'), '.2f')} | {acc} "
+            f"| {_f(r.get('draft_acceptance_rate'), '.2f')} | {identical_text(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -274,9 +285,9 @@ def format_headline(rows: list[dict]) -> str:
                 elif r["kind"] == "none":
                     cells.append(f"{r['tokens_per_second']:.1f} tok/s")
                 else:
-                    parts = [_speedup(r), f"τ {_f(r.get('mean_acceptance_length'), '.2f')}"]
+                    parts = [speedup_text(r), f"τ {_f(r.get('mean_acceptance_length'), '.2f')}"]
                     if r.get("guard") is not None:
-                        parts.append(_identical(r))
+                        parts.append(identical_text(r))
                     cells.append(" · ".join(parts))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines) + "\n")
