@@ -106,3 +106,21 @@ def _plain(target_path, tmp_path):
     src.write_text(json.dumps(CONVS[1]) + "\n")
     extract_features(target_path, src, tmp_path / "plain", dtype="float32")
     return tmp_path / "plain"
+
+
+def test_compute_dtype_runs_the_target_in_it_and_is_recorded(target_path, tmp_path):
+    """bf16 features come from the target run in bf16 (what a bf16 deployment hands the
+    drafter): close to the fp32 ones but not equal; the folder records the choice, so
+    resuming with another compute dtype is refused."""
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps(CONVS[0]) + "\n")
+    extract_features(target_path, src, tmp_path / "f32", dtype="float32")
+    extract_features(target_path, src, tmp_path / "bf16", dtype="float32", compute_dtype="bfloat16")
+    (a,), (b,) = iter_shards(tmp_path / "f32"), iter_shards(tmp_path / "bf16")
+    assert not torch.equal(a.hidden, b.hidden)
+    assert torch.nn.functional.cosine_similarity(a.hidden, b.hidden, dim=-1).min() > 0.99
+    config = json.loads((tmp_path / "bf16" / "index.json").read_text())["config"]
+    assert config["compute_dtype"] == "bfloat16"
+    assert "compute_dtype" not in json.loads((tmp_path / "f32" / "index.json").read_text())["config"]
+    with pytest.raises(ValueError, match="holds features made with"):
+        extract_features(target_path, src, tmp_path / "bf16", dtype="float32")

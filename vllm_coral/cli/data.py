@@ -57,6 +57,7 @@ def _cmd_data_features(args: argparse.Namespace) -> int:
         summary = extract_features(
             target, source, args.out / split, dtype=args.dtype, max_length=args.max_length,
             shard_tokens=args.shard_tokens, max_samples=args.max_samples, aux_layers=tuple(args.aux_layers),
+            compute_dtype=args.compute_dtype,
         )  # fmt: skip
         print(f"{args.out / split}: {summary}")
     return 0
@@ -157,7 +158,10 @@ def _add_features(data) -> None:
     feats.add_argument("--data", type=Path, required=True, help="folder written by 'data generate'")
     feats.add_argument("--out", type=Path, required=True, help="features folder (one subfolder per split)")
     feats.add_argument("--split", action="append", default=None, help="train and/or heldout (default both)")
-    feats.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    feats.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                       help="how features are stored")
+    feats.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="dtype the target runs in: the one the drafter will be served with")
     feats.add_argument("--max-length", type=int, default=2048, help="tokens per conversation (truncated)")
     feats.add_argument("--shard-tokens", type=int, default=200_000, help="tokens per shard (bounds memory)")
     feats.add_argument("--max-samples", type=int, default=None)

@@ -4,9 +4,16 @@ token of the generated conversations, with the loss mask, in sharded safetensors
 Per conversation, the chat template renders the messages; tokens belong to the loss mask
 when they were *written by the assistant* (its content and the end-of-turn token), found
 by rendering the conversation prefix by prefix: the tokens added by each assistant
-message beyond the generation prompt. The target (HF transformers, fp32) runs over the
-whole sequence once and ``last_hidden_state`` (after the final RMSNorm) is stored: that is
-the feature vLLM hands an EAGLE drafter (checked by tests/vllm/test_feature_fidelity.py).
+message beyond the generation prompt. The target (HF transformers) runs over the whole
+sequence once and ``last_hidden_state`` (after the final RMSNorm) is stored: that is the
+feature vLLM hands an EAGLE drafter (checked by tests/vllm/test_feature_fidelity.py).
+
+The target runs in ``compute_dtype``: the dtype the drafter will be served with, since
+that is what vLLM will hand it. float32 by default (how this project serves on CPU);
+bfloat16 is 1.5-1.7x faster on an AVX512-BF16 CPU (measured on SmolLM2, 768-token
+sequences, 2 busy cores: 654-750 vs 435-450 tokens/s) and matches a bf16 deployment, but
+its features differ from fp32 ones by 1.7% (relative L2; cosine 0.9999). ``dtype`` is only
+how features are stored.
 
 Optionally (``aux_layers``, EAGLE-3's inputs) the residual stream entering each listed
 layer is stored too, concatenated as ``aux_hidden`` [N, len(aux_layers) * H]: layer id i
@@ -157,17 +164,21 @@ def extract_features(
     shard_tokens: int = 200_000,
     max_samples: int | None = None,
     aux_layers: tuple[int, ...] = (),
+    compute_dtype: str = "float32",
 ) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    store_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    store_dtype, run_dtype = dtypes[dtype], dtypes[compute_dtype]
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {"shards": []}
     config = dict(target=Path(target).name, source=Path(conversations).name, dtype=dtype, max_length=max_length)
     if aux_layers:
         config["aux_layers"] = list(aux_layers)
+    if compute_dtype != "float32":  # recorded only when set, so older folders still resume
+        config["compute_dtype"] = compute_dtype
     if index.get("config", config) != config:
         raise ValueError(f"{out}: holds features made with {index['config']}, not {config}; use a new folder")
     index["config"] = config
@@ -175,7 +186,7 @@ def extract_features(
     todo = [r for r in _read_records(conversations, max_samples) if r["id"] not in done]
 
     tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=run_dtype).eval()
     layers = model.config.num_hidden_layers
     if any(not 0 <= i < layers for i in aux_layers):
         raise ValueError(f"aux layers {list(aux_layers)} must be in [0, {layers}) for this target")
