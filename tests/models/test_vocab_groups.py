@@ -76,3 +76,9 @@ def test_bad_partitions_are_rejected():
         partition_vocab("random", 2, vocab_size=10)
     with pytest.raises(ValueError, match="needs token_counts"):
         partition_vocab("frequency", 2, vocab_size=10)
+
+
+def test_impossible_group_count_is_one_line():
+    # 41 rows in 8 groups of ceil(41/8) = 6 would leave the last group empty
+    with pytest.raises(ValueError, match="41 rows cannot make 8 groups of equal size"):
+        partition_vocab("kmeans", 8, lm_head=torch.randn(41, 4))

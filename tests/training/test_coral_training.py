@@ -154,3 +154,35 @@ def test_train_coral_router_cli(target_path, tiny_features, small_drafter, tmp_p
     bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--num-groups", "4", "--top-k", "4"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "vllm-coral: error: every top_k must be in [1, N)" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft_vocab", [None, 512])
+def test_router_on_an_eagle3_drafter_writes_coral3_checkpoints(target_path, tiny_features, tmp_path, draft_vocab):
+    """The same recipe routes an EAGLE-3 drafter: its inputs are the drafter's normed
+    outputs over training-time-test steps (read from the aux features), its groups
+    partition the drafter's head rows (the draft vocabulary when it has one), and it writes
+    coral3 checkpoints whose routed greedy draft is the metric's ``draft_top1``."""
+    from vllm_coral.models.coral3 import Coral3Drafter
+    from vllm_coral.training.router import draft_logits
+    from vllm_coral.training.ttt import EAGLE3
+
+    loop = LoopConfig(max_steps=2, batch_tokens=256, save_every=2, warmup_steps=1)
+    run(EAGLE3, replace(EAGLE3.preset, draft_vocab=draft_vocab), loop, target_path, tiny_features, tmp_path / "e3",
+        progress=False)  # fmt: skip
+    cfg = RouterConfig(partitions=("frequency",), num_groups=(8,), top_k=(1,), unroll=2)
+    rloop = replace(ROUTER_LOOP, max_steps=3, batch_tokens=512, warmup_steps=1)
+    summary = train_router(target_path, tmp_path / "e3" / "drafter", tiny_features, tmp_path / "r", cfg, rloop,
+                           heldout_features=tiny_features)  # fmt: skip
+    head = TargetHead.load(target_path)
+    coral, ckpt = load_drafter(tmp_path / "r" / "frequency-n8-k1", head.config)
+    rows = draft_vocab or head.vocab_size
+    assert isinstance(coral, Coral3Drafter) and ckpt.family.name == "coral3" and ckpt.recipe == "coral-router"
+    assert coral.partition.vocab_size == rows
+    assert f"| frequency | 8 | 1 | {-(-rows // 8) / rows:.1%} |" in (tmp_path / "r" / "router_metrics.md").read_text()
+    data = FeatureDataset(tiny_features, 1024, head.hidden_size, aux=True)
+    with torch.no_grad():
+        h, _, _ = router_inputs(coral.body, head, data.collate(list(range(len(data))), torch.Generator()), 2)
+        routed = coral.routed_logits(h, head.lm_head).argmax(-1)
+        same = (routed == draft_logits(coral.body, h, head).argmax(-1)).float().mean().item()
+    assert same == pytest.approx(summary["heldout"]["frequency-n8-k1"]["draft_top1"], abs=1e-6)

@@ -66,6 +66,7 @@ SCHEMA = 2
 BUILTIN_FAMILIES = (
     "vllm_coral.models.eagle:FAMILY",
     "vllm_coral.models.coral:FAMILY",
+    "vllm_coral.models.coral3:FAMILY",
     "vllm_coral.models.eagle3:FAMILY",
     "vllm_coral.models.fspad:FAMILY",
     "vllm_coral.models.small_lm:FAMILY",

@@ -111,6 +111,9 @@ def partition_vocab(
             V = t.shape[0]
     if V is None:
         raise ValueError("give vocab_size, lm_head or token_counts")
+    if not 1 <= num_groups <= V or (num_groups - 1) * -(-V // num_groups) >= V:
+        raise ValueError(f"{V} rows cannot make {num_groups} groups of equal size (ceil(V/N) rows each, "
+                         f"the last one ragged but not empty)")  # fmt: skip
     if strategy == "contiguous":
         order = torch.arange(V)
     elif strategy == "frequency":

@@ -25,7 +25,7 @@ def evaluate(recipe, cfg, module: torch.nn.Module, head, features, *, max_seq_le
              batch_tokens: int = 4096, device: torch.device | None = None, autocast=None,
              max_batches: int | None = None) -> dict:  # fmt: skip
     """{term: token-weighted mean over the held-out features} plus ``tokens`` scored."""
-    data = FeatureDataset(features, max_seq_len, head.hidden_size, aux=recipe.aux_features,
+    data = FeatureDataset(features, max_seq_len, head.hidden_size, aux=recipe.uses_aux(cfg),
                           text_ok=recipe.reads_text(cfg))
     batches = token_batches(data.lengths(), batch_tokens, list(range(len(data))))[:max_batches]
     device = device or next(module.parameters()).device

@@ -213,7 +213,7 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
     head = TargetHead.load(target).to(rt.device)
     if rt.autocast_dtype is not None:
         head = head.with_head_dtype(rt.autocast_dtype)
-    data = FeatureDataset(features, loop.max_seq_len, head.hidden_size, aux=recipe.aux_features,
+    data = FeatureDataset(features, loop.max_seq_len, head.hidden_size, aux=recipe.uses_aux(cfg),
                           text_ok=recipe.reads_text(cfg))
     module = recipe.build(cfg, head, data).to(rt.device)
     objective = _Objective(recipe, cfg, module, head)

@@ -54,8 +54,9 @@ class Recipe:
     # (cfg, module, head, out, loop, heldout: features folder or None) -> extra summary
     # (e.g. the router's held-out routing metrics), after training.
     finish: Callable[..., dict] = _no_finish
-    # Whether batches need the aux-layer features (EAGLE-3 inputs: ``data features --aux-layers``).
-    aux_features: bool = False
+    # Whether batches need the aux-layer features (EAGLE-3 inputs: ``data features --aux-layers``),
+    # or (cfg) -> whether they do (the router: when its frozen drafter is an EAGLE-3 one).
+    aux_features: bool | Callable[[Any], bool] = False
     # (cfg) -> whether this configuration trains on text tokens without target features
     # (``vllm-coral data text``; batches then have ``feats`` None).
     reads_text: Callable[[Any], bool] = _features_only
@@ -67,6 +68,9 @@ class Recipe:
     @property
     def config_cls(self) -> type:
         return type(self.preset)
+
+    def uses_aux(self, cfg) -> bool:
+        return self.aux_features(cfg) if callable(self.aux_features) else self.aux_features
 
 
 def recipes() -> dict[str, Recipe]:

@@ -40,20 +40,27 @@ import torch
 
 from vllm_coral.models.checkpoint import CheckpointError, portable_path
 from vllm_coral.models.coral import CoralDrafter, Router, select_groups
-from vllm_coral.models.registry import load_drafter, save_drafter
+from vllm_coral.models.coral3 import Coral3Drafter
+from vllm_coral.models.eagle3 import Eagle3Drafter
+from vllm_coral.models.registry import load_drafter, read_drafter, save_drafter
 from vllm_coral.models.target import TargetHead
 from vllm_coral.models.vocab_groups import STRATEGIES, VocabPartition, partition_vocab
 from vllm_coral.training.dataset import Batch, FeatureDataset, token_batches
 from vllm_coral.training.recipes import Recipe, knob
+from vllm_coral.training.ttt import ttt_steps
 from vllm_coral.training.unrolled import next_token_weight, unrolled_steps
 
-__all__ = ["ROUTER", "RouterBank", "RouterConfig", "evaluate_routers", "metrics_table", "router_inputs"]  # fmt: skip
+__all__ = ["ROUTED", "ROUTER", "RouterBank", "RouterConfig", "draft_logits", "evaluate_routers", "metrics_table",
+           "router_inputs"]  # fmt: skip
+
+# Drafter families a router can be trained for.
+ROUTED = ("eagle", "eagle3")
 
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    drafter: str = knob("", "the frozen EAGLE-family drafter folder (required)")
+    drafter: str = knob("", "the frozen EAGLE or EAGLE-3 drafter folder (required)")
     partitions: tuple[str, ...] = knob(("frequency",), f"vocabulary partitions: {', '.join(STRATEGIES)}")
     num_groups: tuple[int, ...] = knob((16,), "group counts N (one router per partition x N)")
     top_k: tuple[int, ...] = knob((2,), "groups computed per token k (one checkpoint per k)")
@@ -102,18 +109,30 @@ class RouterBank(torch.nn.Module):
 def router_inputs(drafter, head: TargetHead, batch: Batch, unroll: int):
     """Router inputs and the target distribution rows they are scored against.
 
-    Returns h [M, H] (drafter outputs of every step, concatenated), probs [n, V] (target
-    next-token distribution at the n kept positions) and rows [M] (row of probs for each h).
+    Returns h [M, H] (what the drafter's head reads at every step, concatenated: an EAGLE
+    drafter's output feature, an EAGLE-3 drafter's normed output), probs [n, R] (target
+    next-token distribution at the n kept positions over the drafter's head rows: the
+    whole vocabulary, or an EAGLE-3 draft vocabulary renormalised) and rows [M] (row of
+    probs for each h).
     """
     ids, feats = batch.ids, batch.feats
     S = ids.shape[1] - 1
     emb = head.embed_ids(ids[:, 1:])
     keep = next_token_weight(batch.mask) > 0
     probs = head.logits(feats[:, 1:][keep]).float().softmax(-1)  # [n, V]
+    if isinstance(drafter, Eagle3Drafter):
+        if drafter.config.draft_vocab_size:
+            probs = probs[:, drafter.draft_ids]
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+        g = drafter.combine(batch.aux[:, :-1])
+        steps = ((j, normed) for j, normed, _ in ttt_steps(drafter, emb, g, unroll, detach=True))
+    else:
+        positions = torch.arange(S, device=ids.device)
+        steps = ((j, h) for j, h, _ in unrolled_steps(drafter, emb, feats[:, :-1], positions, unroll))
     kept_index = torch.full(keep.shape, -1, dtype=torch.long, device=ids.device)
     kept_index[keep] = torch.arange(int(keep.sum()), device=ids.device)
     hs, rows = [], []
-    for j, h, _ in unrolled_steps(drafter, emb, feats[:, :-1], torch.arange(S, device=ids.device), unroll):
+    for j, h in steps:
         sel = keep.clone()
         sel[:, : j - 1] = False
         hs.append(h[sel])
@@ -121,15 +140,26 @@ def router_inputs(drafter, head: TargetHead, batch: Batch, unroll: int):
     return torch.cat(hs), probs, torch.cat(rows)
 
 
+def draft_logits(drafter, h: torch.Tensor, head: TargetHead) -> torch.Tensor:
+    """[M, H] -> [M, R]: the dense drafter's logits over its head rows."""
+    return drafter.logits(h, head) if isinstance(drafter, Eagle3Drafter) else head.logits(h)
+
+
+def _head_rows(drafter, head: TargetHead, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [R, H], their token counts [R]) that the router's groups partition."""
+    if isinstance(drafter, Eagle3Drafter) and drafter.config.draft_vocab_size:
+        return drafter.draft_head.float().cpu(), counts[drafter.draft_ids.cpu()]
+    return head.lm_head.float().cpu(), counts
+
+
 def _build(cfg: RouterConfig, head: TargetHead, data: FeatureDataset) -> RouterBank:
     if not cfg.drafter:
-        raise ValueError("--drafter is required: the EAGLE-family drafter folder the router serves")
+        raise ValueError("--drafter is required: the EAGLE or EAGLE-3 drafter folder the router serves")
     drafter, ckpt = load_drafter(cfg.drafter, head.config)
-    if ckpt.family.name != "eagle":
-        raise CheckpointError(f"{cfg.drafter}: a router needs an eagle-family drafter, not {ckpt.family.name}")
-    counts = data.token_counts(head.vocab_size)
-    lm_head = head.lm_head.float().cpu()
-    partitions = {variant_name(s, n): partition_vocab(s, n, lm_head=lm_head, token_counts=counts,
+    if ckpt.family.name not in ROUTED:
+        raise CheckpointError(f"{cfg.drafter}: a router needs an eagle or eagle3 drafter, not {ckpt.family.name}")
+    lm_rows, counts = _head_rows(drafter, head, data.token_counts(head.vocab_size))
+    partitions = {variant_name(s, n): partition_vocab(s, n, lm_head=lm_rows, token_counts=counts,
                                                       kmeans_iters=cfg.kmeans_iters, seed=0)
                   for s, n in cfg.variants()}  # fmt: skip
     return RouterBank(drafter, partitions, ckpt.recipe)
@@ -150,11 +180,13 @@ def _loss(cfg: RouterConfig, bank: RouterBank, head: TargetHead, batch: Batch):
 def _export(cfg: RouterConfig, bank: RouterBank, head, out: Path, training: dict) -> list[Path]:
     written = []
     meta = dict(training, drafter=portable_path(cfg.drafter), drafter_recipe=bank.drafter_recipe)
+    family = "coral3" if isinstance(bank.drafter, Eagle3Drafter) else "coral"
+    build = Coral3Drafter.from_eagle3 if family == "coral3" else CoralDrafter.from_eagle
     for name, router in bank.routers.items():
         for k in cfg.top_k:
-            coral = CoralDrafter.from_eagle(bank.drafter, bank.partitions[name], k)
+            coral = build(bank.drafter, bank.partitions[name], k)
             coral.router.load_state_dict(router.state_dict())
-            written.append(save_drafter(coral.cpu(), out / f"{name}-k{k}", family="coral", recipe="coral-router",
+            written.append(save_drafter(coral.cpu(), out / f"{name}-k{k}", family=family, recipe="coral-router",
                                         training=meta))  # fmt: skip
     return written
 
@@ -166,7 +198,8 @@ def _finish(cfg: RouterConfig, bank: RouterBank, head: TargetHead, out: Path, lo
     metrics = evaluate_routers(bank, head, cfg.top_k, heldout, unroll=cfg.unroll,
                                batch_tokens=loop.batch_tokens, max_seq_len=loop.max_seq_len)  # fmt: skip
     (out / "router_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "router_metrics.md").write_text(metrics_table(metrics, head.vocab_size))
+    rows = next(iter(bank.partitions.values())).vocab_size
+    (out / "router_metrics.md").write_text(metrics_table(metrics, rows))
     return {"heldout": metrics}
 
 
@@ -174,7 +207,7 @@ def _finish(cfg: RouterConfig, bank: RouterBank, head: TargetHead, out: Path, lo
 def evaluate_routers(bank: RouterBank, head: TargetHead, top_k: tuple[int, ...], features: str | Path, *,
                      unroll: int = 3, batch_tokens: int = 2048, max_seq_len: int = 1024) -> dict[str, dict[str, float]]:  # fmt: skip
     """Held-out routing quality per '<variant>-k<k>' (see the module docstring)."""
-    data = FeatureDataset(features, max_seq_len, head.hidden_size)
+    data = FeatureDataset(features, max_seq_len, head.hidden_size, aux=isinstance(bank.drafter, Eagle3Drafter))
     device = head.lm_head.device
     sums: dict[str, dict[str, float]] = {}
     count = 0
@@ -184,7 +217,7 @@ def evaluate_routers(bank: RouterBank, head: TargetHead, top_k: tuple[int, ...],
         h, probs, rows = router_inputs(bank.drafter, head, batch, unroll)
         # per kept position, then expanded to the M router inputs (no [M, V] copy of probs)
         target_top1 = probs.argmax(-1)[rows]
-        draft_top1 = head.logits(h).argmax(-1)
+        draft_top1 = draft_logits(bank.drafter, h, head).argmax(-1)
         count += h.shape[0]
         for name, router in bank.routers.items():
             mass = bank.partitions[name].group_mass(probs)[rows]  # [M, N]
@@ -214,8 +247,13 @@ def metrics_table(metrics: dict[str, dict[str, float]], vocab_size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reads_aux(cfg: RouterConfig) -> bool:
+    """An EAGLE-3 drafter's router inputs need the fused target features."""
+    return bool(cfg.drafter) and read_drafter(cfg.drafter).family.name == "eagle3"
+
+
 ROUTER = Recipe(
     name="coral-router", family="coral", preset=RouterConfig(), build=_build, loss=_loss, export=_export,
-    finish=_finish, loop_defaults=dict(lr=1e-3, warmup_steps=20, batch_tokens=2048, save_every=100, grad_clip=None),
+    finish=_finish, aux_features=_reads_aux, loop_defaults=dict(lr=1e-3, warmup_steps=20, batch_tokens=2048, save_every=100, grad_clip=None),
     help="CORAL's LM-head router on a frozen drafter: one checkpoint per partition x N x k",
 )
