@@ -41,6 +41,7 @@ __all__ = [
     "CoralConfig",
     "CoralDrafter",
     "Router",
+    "check_routing",
     "check_row_to_token",
     "coral_tensor_specs",
     "routed_logits",
@@ -65,13 +66,7 @@ class CoralConfig:
     partition: str
 
     def __post_init__(self) -> None:
-        V = self.eagle.vocab_size
-        if not 1 <= self.num_groups <= V:
-            raise ValueError(f"num_groups must be in [1, vocab_size={V}], got {self.num_groups}")
-        if not 1 <= self.top_k <= self.num_groups:
-            raise ValueError(f"top_k must be in [1, num_groups={self.num_groups}], got {self.top_k}")
-        if self.partition not in STRATEGIES:
-            raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(STRATEGIES)}")
+        check_routing(self.num_groups, self.top_k, self.partition, self.eagle.vocab_size, "vocab_size")
 
     @property
     def group_size(self) -> int:
@@ -101,6 +96,16 @@ class CoralConfig:
 
     def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return coral_tensor_specs(self)
+
+
+def check_routing(num_groups: int, top_k: int, partition: str, rows: int, what: str) -> None:
+    """ValueError unless N groups of ``rows`` head rows, k of them routed, by a known partition."""
+    if not 1 <= num_groups <= rows:
+        raise ValueError(f"num_groups must be in [1, {what}={rows}], got {num_groups}")
+    if not 1 <= top_k <= num_groups:
+        raise ValueError(f"top_k must be in [1, num_groups={num_groups}], got {top_k}")
+    if partition not in STRATEGIES:
+        raise ValueError(f"unknown partition {partition!r}; choose from {', '.join(STRATEGIES)}")
 
 
 def coral_tensor_specs(c: CoralConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from vllm_coral.models.checkpoint import CheckpointError
-from vllm_coral.models.coral import ROW_TO_TOKEN, Router
+from vllm_coral.models.coral import ROW_TO_TOKEN, Router, check_routing
 from vllm_coral.models.eagle import EagleConfig
 from vllm_coral.models.eagle3 import Eagle3Config, Eagle3Drafter
 from vllm_coral.models.registry import DrafterFamily, ServeSpec
-from vllm_coral.models.vocab_groups import STRATEGIES, VocabPartition
+from vllm_coral.models.vocab_groups import VocabPartition
 
 __all__ = ["ARCHITECTURE", "FAMILY", "Coral3Config", "Coral3Drafter", "check_head_rows"]
 
@@ -56,13 +56,7 @@ class Coral3Config:
     partition: str
 
     def __post_init__(self) -> None:
-        R = self.head_rows
-        if not 1 <= self.num_groups <= R:
-            raise ValueError(f"num_groups must be in [1, head rows={R}], got {self.num_groups}")
-        if not 1 <= self.top_k <= self.num_groups:
-            raise ValueError(f"top_k must be in [1, num_groups={self.num_groups}], got {self.top_k}")
-        if self.partition not in STRATEGIES:
-            raise ValueError(f"unknown partition {self.partition!r}; choose from {', '.join(STRATEGIES)}")
+        check_routing(self.num_groups, self.top_k, self.partition, self.head_rows, "head rows")
 
     @property
     def head_rows(self) -> int:

@@ -43,49 +43,84 @@ from vllm_coral.models.coral import (
 from vllm_coral.models.registry import check_target, parse_drafter_config
 from vllm_coral.models.vocab_groups import VocabPartition
 
-__all__ = ["EagleCoralLlamaForCausalLM"]
+__all__ = ["EagleCoralLlamaForCausalLM", "RoutedHead", "hf_config_dict"]
 
 
-def _hf_dict(config) -> dict:
+def hf_config_dict(config) -> dict:
     """The draft model's config.json as vLLM holds it (a transformers config object)."""
     hf = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
     hf.setdefault("vllm_coral", getattr(config, "vllm_coral", None))
     return hf
 
 
-class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
+class RoutedHead:
+    """What CORAL's vLLM classes share (EAGLE here, EAGLE-3 in ``plugin/coral3.py``): the
+    router, the partition of the head rows, and the head permuted group-contiguous on
+    first use (rebuilt if vLLM swaps the tensor). Needs ``self.coral_config`` (with
+    ``num_groups``, ``top_k``, ``partition``, ``group_size``, ``tensor_specs()``) and
+    ``self.lm_head``."""
+
+    def _init_routing(self, where: str, hidden_size: int, rows: int, dtype: torch.dtype) -> None:
+        c = self.coral_config
+        self._where = where
+        self.router = Router(hidden_size, c.num_groups).to(dtype)
+        # identity until load_weights reads the checkpoint's group map
+        self._partition = VocabPartition(torch.arange(rows), c.num_groups, c.partition)
+        self.register_buffer("row_to_token", self._partition.row_to_token.clone(), persistent=False)
+        self._grouped_weight: torch.Tensor | None = None
+        self._grouped_source: int | None = None
+
+    def _load_routing(self, weights: list[tuple[str, torch.Tensor]], check_rows) -> list[tuple[str, torch.Tensor]]:
+        """Check every tensor against the family's specs, load the router and the row map
+        (``check_rows(map, config, where)`` validates it); returns the body's tensors."""
+        check_tensors(self._where, tensor_header(dict(weights)), self.coral_config.tensor_specs())
+        ours = {name: t for name, t in weights if name.startswith("router.") or name == ROW_TO_TOKEN}
+        self._partition = check_rows(ours.pop(ROW_TO_TOKEN), self.coral_config, self._where)
+        self.row_to_token.copy_(self._partition.row_to_token)
+        dtype = self.router.w1.weight.dtype
+        self.router.load_state_dict({name[len("router."):]: t.to(dtype) for name, t in ours.items()})
+        return [(name, t) for name, t in weights if not name.startswith("router.") and name != ROW_TO_TOKEN]
+
+    def _grouped(self) -> torch.Tensor:
+        weight = self.lm_head.weight
+        if self._grouped_source != weight.data_ptr():
+            # vLLM may pad the head's rows; the padding is never a row of the partition
+            self._grouped_weight = self._partition.grouped_weight(weight.detach()[: self._partition.vocab_size])
+            self._grouped_source = weight.data_ptr()
+        return self._grouped_weight
+
+    def _groups(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, k]
+        return select_groups(self.router(hidden_states), self.coral_config.top_k)
+
+    def _routed_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, rows], scaled
+        logits = routed_logits(hidden_states, self._grouped(), self._groups(hidden_states),
+                               self.coral_config.group_size, self.row_to_token)  # fmt: skip
+        scale = self.logits_processor.scale
+        return logits if scale == 1.0 else logits * scale
+
+    def _routed_top_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T]
+        return routed_top_tokens(hidden_states, self._grouped(), self._groups(hidden_states),
+                                 self.coral_config.group_size, self.row_to_token)  # fmt: skip
+
+
+class EagleCoralLlamaForCausalLM(RoutedHead, EagleLlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         where = f"CORAL drafter {vllm_config.speculative_config.draft_model_config.model}"
-        _, _, self.coral_config, _ = parse_drafter_config(_hf_dict(self.config), where)
+        _, _, self.coral_config, _ = parse_drafter_config(hf_config_dict(self.config), where)
         eagle = self.coral_config.eagle
         mc = vllm_config.model_config  # the target being served
         check_target(where, self.coral_config, {"hidden_size": mc.get_hidden_size(), "vocab_size": mc.get_vocab_size()})
         if vllm_config.parallel_config.tensor_parallel_size > 1:
             raise CheckpointError(f"{where}: the routed LM head does not support tensor parallelism yet")
-        self._where = where
-        dtype = vllm_config.model_config.dtype
-        self.router = Router(eagle.hidden_size, self.coral_config.num_groups).to(dtype)
-        # identity until load_weights reads the checkpoint's group map
-        self._partition = VocabPartition(torch.arange(eagle.vocab_size), self.coral_config.num_groups,
-                                         self.coral_config.partition)  # fmt: skip
-        self.register_buffer("row_to_token", self._partition.row_to_token.clone(), persistent=False)
-        # The target's LM head in group-contiguous row order, built on first use (the head
-        # is shared by vLLM only after load_weights) and rebuilt if vLLM swaps the tensor.
-        self._grouped_weight: torch.Tensor | None = None
-        self._grouped_source: int | None = None
+        self._init_routing(where, eagle.hidden_size, eagle.vocab_size, vllm_config.model_config.dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load the checkpoint; returns the parameter names now set, so vLLM's strict
         "every parameter loaded" check stays on. The embedding and LM head count as
         loaded: vLLM shares the target's with the drafter right after this call."""
-        weights = list(weights)
-        check_tensors(self._where, tensor_header(dict(weights)), self.coral_config.tensor_specs())
-        ours = {name: t for name, t in weights if name.startswith("router.") or name == ROW_TO_TOKEN}
-        self._partition = check_row_to_token(ours.pop(ROW_TO_TOKEN), self.coral_config, self._where)
-        self.row_to_token.copy_(self._partition.row_to_token)
-        self.router.load_state_dict({name[len("router.") :]: t.to(self.router.w1.weight.dtype) for name, t in ours.items()})
-        body = [(name, t) for name, t in weights if not name.startswith("router.") and name != ROW_TO_TOKEN]
+        body = self._load_routing(list(weights), check_row_to_token)
+
         def renamed(name: str) -> str:  # as the parent's load_weights does
             name = name if "lm_head" in name else "model." + name
             process_eagle_weight(self, name)
@@ -95,23 +130,8 @@ class EagleCoralLlamaForCausalLM(EagleLlamaForCausalLM):
         shared = {name for name, _ in self.named_parameters() if "embed_tokens" in name or name.startswith("lm_head")}
         return set(loaded) | shared | {f"router.{name}" for name, _ in self.router.named_parameters()}
 
-    def _grouped(self) -> torch.Tensor:
-        weight = self.lm_head.weight
-        if self._grouped_source != weight.data_ptr():
-            # vLLM may pad the head's rows past V; the padding is never a token
-            self._grouped_weight = self._partition.grouped_weight(weight.detach()[: self._partition.vocab_size])
-            self._grouped_source = weight.data_ptr()
-        return self._grouped_weight
-
-    def _groups(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, k]
-        return select_groups(self.router(hidden_states), self.coral_config.top_k)
-
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, V]
-        logits = routed_logits(hidden_states, self._grouped(), self._groups(hidden_states),
-                               self.coral_config.group_size, self.row_to_token)  # fmt: skip
-        scale = self.logits_processor.scale
-        return logits if scale == 1.0 else logits * scale
+        return self._routed_logits(hidden_states)
 
     def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T]
-        return routed_top_tokens(hidden_states, self._grouped(), self._groups(hidden_states),
-                                 self.coral_config.group_size, self.row_to_token)  # fmt: skip
+        return self._routed_top_rows(hidden_states)

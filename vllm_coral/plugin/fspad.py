@@ -59,7 +59,7 @@ __all__ = ["EagleFspadLlamaForCausalLM"]
 _SAMPLER = "sampler."
 
 
-def _hf_dict(config) -> dict:
+def hf_config_dict(config) -> dict:
     """The draft model's config.json as vLLM holds it (a transformers config object)."""
     hf = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
     hf.setdefault("vllm_coral", getattr(config, "vllm_coral", None))
@@ -129,7 +129,7 @@ class EagleFspadLlamaForCausalLM(EagleLlamaForCausalLM):
         nn.Module.__init__(self)
         self.config = vllm_config.speculative_config.draft_model_config.hf_config
         where = f"FSPAD drafter {vllm_config.speculative_config.draft_model_config.model}"
-        _, _, self.fspad_config, _ = parse_drafter_config(_hf_dict(self.config), where)
+        _, _, self.fspad_config, _ = parse_drafter_config(hf_config_dict(self.config), where)
         mc = vllm_config.model_config  # the target being served
         check_target(where, self.fspad_config, {"hidden_size": mc.get_hidden_size(), "vocab_size": mc.get_vocab_size()})
         self._where = where
