@@ -7,6 +7,9 @@ Random weights prove plumbing, not speed:
 - with every group selected (k = N) the routed drafter is the dense one: vLLM's counters
   (drafts, accepted per position) equal plain vLLM serving the same EAGLE-3 body;
 - a checkpoint whose row map is broken is refused at load with one line naming it.
+
+The committed CORAL-3 drafter (trained) also drafts usefully at T=0 and keeps the
+target's output distribution at T=1 with probabilistic drafting (chi-square test).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +32,8 @@ from vllm_coral.models.target import TargetHead  # noqa: E402
 from vllm_coral.models.vocab_groups import partition_vocab  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
+
+CKPTS = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m"
 
 
 def _coral3(target_path, out, *, draft_vocab=8192, n=16, k=2):
@@ -97,3 +103,29 @@ if __name__ == "__main__":
     logs = proc.stdout + proc.stderr  # vLLM logs the worker's root cause
     assert "CheckpointError: CORAL-3 drafter" in logs and "bad group map vocab_groups.row_to_token" in logs, logs[-2000:]
     assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["Eagle3CoralLlamaForCausalLM"]
+
+
+COMMITTED = CKPTS / "coral3"
+
+
+def test_committed_coral3_greedy_is_identical_and_drafts_usefully(target_path, target_greedy):
+    """The committed CORAL-3 drafter (router N=16, k=2 over an EAGLE-3 draft vocabulary)."""
+    run = _run(target_path, validate_drafter(COMMITTED).speculative_config(3))
+    assert run.token_ids == target_greedy.token_ids
+    print(f"committed coral3: {run.spec}")
+    assert run.spec.mean_acceptance_length > 1.1, run.spec
+
+
+def test_committed_coral3_sampling_matches_target_distribution(target_path, tmp_path):
+    """T=1, probabilistic drafting with k=1 of 16 groups (q far from p): the rejection
+    sampler must receive exactly the routed proposal for the output to stay the target's."""
+    import shutil
+
+    from .stats import assert_same_distribution
+
+    ckpt = tmp_path / "coral3-k1"
+    shutil.copytree(COMMITTED, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vllm_coral"]["config"]["top_k"] = 1
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert_same_distribution(target_path, validate_drafter(ckpt).speculative_config(3), "coral3")

@@ -130,7 +130,7 @@ def test_reference_methods_file_resolves(target_config):
     entries, k, base = load_methods_file(CKPTS.parents[1] / "benchmarks" / "configs" / "smollm2-135m.json")
     specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
     assert [s.error for s in specs] == [None] * len(specs)
-    assert [s.method for s in specs] == ["none", "ngram", "eagle", "hass", "coral", "fspad", "small-lm"]
+    assert [s.method for s in specs] == ["none", "ngram", "eagle", "hass", "coral", "fspad", "coral3", "small-lm"]
 
 
 def _fake_engines(monkeypatch, speeds: dict[str, list[float]], fail: str | None = None):
