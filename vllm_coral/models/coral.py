@@ -205,8 +205,9 @@ class CoralDrafter(nn.Module):
         return cls(config, partition, body)
 
 
-def check_row_to_token(row_to_token: torch.Tensor, config: CoralConfig, where: str) -> VocabPartition:
-    """The checkpoint's group map as a VocabPartition, or a one-line CheckpointError."""
+def check_row_to_token(row_to_token: torch.Tensor, config, where: str) -> VocabPartition:
+    """The checkpoint's group map (a CORAL or CORAL-3 config's N groups) as a VocabPartition,
+    or a one-line CheckpointError."""
     if row_to_token.dtype != torch.int64:
         raise CheckpointError(f"{where}: {ROW_TO_TOKEN} must be int64, got {row_to_token.dtype}")
     try:

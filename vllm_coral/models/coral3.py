@@ -30,14 +30,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from vllm_coral.models.checkpoint import CheckpointError
-from vllm_coral.models.coral import ROW_TO_TOKEN, Router, check_routing
+from vllm_coral.models.coral import ROW_TO_TOKEN, Router, check_row_to_token, check_routing
 from vllm_coral.models.eagle import EagleConfig
 from vllm_coral.models.eagle3 import Eagle3Config, Eagle3Drafter
 from vllm_coral.models.registry import DrafterFamily, ServeSpec
 from vllm_coral.models.vocab_groups import VocabPartition
 
-__all__ = ["ARCHITECTURE", "FAMILY", "Coral3Config", "Coral3Drafter", "check_head_rows"]
+__all__ = ["ARCHITECTURE", "FAMILY", "Coral3Config", "Coral3Drafter"]
 
 ARCHITECTURE = "Eagle3CoralLlamaForCausalLM"
 _FIELDS = ("num_groups", "top_k", "partition")
@@ -107,16 +106,6 @@ class Coral3Config:
         }
 
 
-def check_head_rows(row_map: torch.Tensor, config: Coral3Config, where: str) -> VocabPartition:
-    """The checkpoint's row map as a VocabPartition, or a one-line CheckpointError."""
-    if row_map.dtype != torch.int64:
-        raise CheckpointError(f"{where}: {ROW_TO_TOKEN} must be int64, got {row_map.dtype}")
-    try:
-        return VocabPartition(row_map, config.num_groups, config.partition)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: bad group map {ROW_TO_TOKEN} ({e})") from None
-
-
 class Coral3Drafter(nn.Module):
     """Eagle3Drafter + Router + a partition of its head rows; the twin of the vLLM class."""
 
@@ -156,7 +145,7 @@ class Coral3Drafter(nn.Module):
 
     def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         tensors = dict(tensors)
-        self.partition = check_head_rows(tensors.pop(ROW_TO_TOKEN), self.config, "CORAL-3 checkpoint")
+        self.partition = check_row_to_token(tensors.pop(ROW_TO_TOKEN), self.config, "CORAL-3 checkpoint")
         self.router.load_state_dict({k[len("router."):]: tensors.pop(k) for k in list(tensors) if k.startswith("router.")})
         self.body.load_checkpoint_tensors(tensors)
 

@@ -70,12 +70,12 @@ class RoutedHead:
         self._grouped_weight: torch.Tensor | None = None
         self._grouped_source: int | None = None
 
-    def _load_routing(self, weights: list[tuple[str, torch.Tensor]], check_rows) -> list[tuple[str, torch.Tensor]]:
+    def _load_routing(self, weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         """Check every tensor against the family's specs, load the router and the row map
-        (``check_rows(map, config, where)`` validates it); returns the body's tensors."""
+        (a permutation of the head rows in N groups); returns the body's tensors."""
         check_tensors(self._where, tensor_header(dict(weights)), self.coral_config.tensor_specs())
         ours = {name: t for name, t in weights if name.startswith("router.") or name == ROW_TO_TOKEN}
-        self._partition = check_rows(ours.pop(ROW_TO_TOKEN), self.coral_config, self._where)
+        self._partition = check_row_to_token(ours.pop(ROW_TO_TOKEN), self.coral_config, self._where)
         self.row_to_token.copy_(self._partition.row_to_token)
         dtype = self.router.w1.weight.dtype
         self.router.load_state_dict({name[len("router."):]: t.to(dtype) for name, t in ours.items()})
@@ -119,7 +119,7 @@ class EagleCoralLlamaForCausalLM(RoutedHead, EagleLlamaForCausalLM):
         """Load the checkpoint; returns the parameter names now set, so vLLM's strict
         "every parameter loaded" check stays on. The embedding and LM head count as
         loaded: vLLM shares the target's with the drafter right after this call."""
-        body = self._load_routing(list(weights), check_row_to_token)
+        body = self._load_routing(list(weights))
 
         def renamed(name: str) -> str:  # as the parent's load_weights does
             name = name if "lm_head" in name else "model." + name

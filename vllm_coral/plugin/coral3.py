@@ -28,7 +28,6 @@ import torch
 from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 
 from vllm_coral.models.checkpoint import CheckpointError
-from vllm_coral.models.coral3 import check_head_rows
 from vllm_coral.models.registry import check_target, parse_drafter_config
 from vllm_coral.plugin.coral import RoutedHead, hf_config_dict
 
@@ -51,7 +50,7 @@ class Eagle3CoralLlamaForCausalLM(RoutedHead, Eagle3LlamaForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         """Router and row map here; the EAGLE-3 tensors go to the parent, which maps
         d2t/t2d and the names (and, like it, returns None: no strict loaded-set check)."""
-        return super().load_weights(self._load_routing(list(weights), check_head_rows))
+        return super().load_weights(self._load_routing(list(weights)))
 
     def _to_target_ids(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.draft_id_to_target_id is None else rows + self.draft_id_to_target_id[rows]
