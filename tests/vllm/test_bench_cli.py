@@ -73,12 +73,25 @@ def test_bench_offline(target_path, tmp_path):
             assert r["mean_acceptance_length"] == pytest.approx(1 + c["num_accepted_tokens"] / c["num_drafts"])
             acc = r["acceptance_per_position"]
             assert len(acc) == 3 and all(a >= b for a, b in zip(acc, acc[1:]))  # a chain
+        # Step phases, timed inside this row's own engine: one target forward per engine step
+        # (the warm-up request excluded; a step serves up to 2 requests here), the drafter at
+        # every step, all within the wall time. A request's step emits 1 + accepted tokens.
+        ph = r["phases"]
+        assert ph["steps"] == ph["counts"]["postprocess"] > 0 and sum(ph["seconds"].values()) < r["seconds"]
+        assert ph["seconds"]["forward"] > 0
+        request_steps = r["output_tokens"] - (r["spec_counters"] or {}).get("num_accepted_tokens", 0)
+        assert request_steps / 2 <= ph["steps"] <= request_steps
+        if method == "EAGLE":
+            assert ph["counts"]["draft"] == ph["steps"] and ph["seconds"]["draft"] > 0
+        else:
+            assert ph["counts"]["draft"] == 0
     # Lossless at T=0: the guard compared all 3 requests with the target's tokens.
     assert rows[("EAGLE", 0.0, "greedy")]["guard"] == {"compared": 3, "identical": 3, "mismatches": []}
     assert rows[("EAGLE", 1.0, "greedy")]["guard"] is None
     md = (out / "bench_offline.md").read_text()
     assert "| tiny | 1 | EAGLE | probabilistic | 3 | 3 |" in md and "| EAGLE (probabilistic) |" in md
-    for name in ("tau.png", "acceptance.png", "speedup.png"):
+    assert "| tiny | EAGLE | " in md.split("by phase")[1]  # the phase table
+    for name in ("tau.png", "acceptance.png", "speedup.png", "phases.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 

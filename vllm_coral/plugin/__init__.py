@@ -5,7 +5,9 @@ model-registry inspection subprocess), so it must be cheap and idempotent. It
 
 1. on the CPU platform, sets laptop-friendly environment defaults (``cpu_defaults``) and
    applies the version-pinned CPU fixes (``patches``);
-2. registers the drafter architectures of every family in the drafter-family registry
+2. leaves a timer for the phases of each engine step in vLLM's profiler hook
+   (``phases``: only engines that ``open_llm`` gives a phase file are timed);
+3. registers the drafter architectures of every family in the drafter-family registry
    (``vllm_coral.models.registry``: ``ServeSpec.vllm_class``) with ``ModelRegistry`` by
    ``"module:Class"`` string, so no model code is imported until vLLM needs it.
 
@@ -55,6 +57,9 @@ def register() -> None:
         if env_set or patched:
             logger.info("vllm-coral: CPU defaults %s; patches %s", env_set, patched)
 
+    from vllm_coral.plugin.phases import install as install_phase_timer
+
+    install_phase_timer()
     supported = set(ModelRegistry.get_supported_archs())
     for arch, qualname in model_architectures().items():
         if arch not in supported:

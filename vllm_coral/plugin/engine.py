@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from vllm_coral.plugin.metrics import SpecDecodeCounters
+from vllm_coral.plugin.phases import ENV as PHASE_ENV
+from vllm_coral.plugin.phases import PhaseTimes, create_phase_file, read_phases
 
 __all__ = ["ChatRun", "continuous_generate", "engine_kwargs", "open_llm", "quiet_vllm_logs", "sampling_params",
            "timed_chat"]
@@ -123,19 +127,39 @@ def engine_kwargs(
 def open_llm(**kwargs: Any) -> Iterator[Any]:
     """``vllm.LLM(**kwargs)`` that is shut down on exit, so the next one gets the cores.
 
-    Yields the LLM; its start-up time in seconds is stored as ``llm.vllm_coral_startup_s``.
+    Yields the LLM; its start-up time in seconds is stored as ``llm.vllm_coral_startup_s``
+    and the file its engine adds the time of each step phase to (:mod:`.phases`) as
+    ``llm.vllm_coral_phase_file``.
     """
     from vllm import LLM
 
-    start = time.perf_counter()
-    llm = LLM(**kwargs)
-    llm.vllm_coral_startup_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="vllm-coral-phases-") as tmp:
+        phase_file = create_phase_file(Path(tmp) / "phases.bin")
+        start = time.perf_counter()
+        with _environ(PHASE_ENV, str(phase_file)):
+            llm = LLM(**kwargs)
+        llm.vllm_coral_startup_s = time.perf_counter() - start
+        llm.vllm_coral_phase_file = phase_file
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (processes started there inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
-        yield llm
+        yield
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 @dataclass
@@ -150,6 +174,8 @@ class ChatRun:
     spec: SpecDecodeCounters = field(default_factory=SpecDecodeCounters)
     # [num_prompts][prompt_len] the chat-templated prompt tokens, in prompt order.
     prompt_token_ids: list[list[int]] = field(default_factory=list)
+    # Engine time per step phase during this run only (empty if the engine has no phase file).
+    phases: PhaseTimes = field(default_factory=PhaseTimes)
 
     @property
     def num_output_tokens(self) -> int:
@@ -187,6 +213,7 @@ def timed_chat(
     if per_request and len(sampling_params) != len(conversations):
         raise ValueError(f"{len(sampling_params)} sampling params for {len(conversations)} conversations")
     before = SpecDecodeCounters.from_metrics(llm.get_metrics())
+    phases_before = _phases(llm)
     start = time.perf_counter()
     step = batch_size or len(conversations)
     outputs = []
@@ -198,10 +225,17 @@ def timed_chat(
             on_chunk(len(chunk))
     seconds = time.perf_counter() - start
     spec = SpecDecodeCounters.from_metrics(llm.get_metrics()) - before
+    phases = _phases(llm) - phases_before
     return ChatRun(
         token_ids=[list(o.outputs[0].token_ids) for o in outputs],
         texts=[o.outputs[0].text for o in outputs],
         seconds=seconds,
         spec=spec,
         prompt_token_ids=[list(o.prompt_token_ids or []) for o in outputs],
+        phases=phases,
     )
+
+
+def _phases(llm: Any) -> PhaseTimes:
+    path = getattr(llm, "vllm_coral_phase_file", None)
+    return read_phases(path) if path is not None else PhaseTimes()

@@ -15,7 +15,8 @@ import json
 from functools import cache
 from pathlib import Path
 
-from vllm_coral.workflows.bench.report import aggregate_repeats, step_cost
+from vllm_coral.workflows.bench.breakdown import step_cost
+from vllm_coral.workflows.bench.report import aggregate_repeats
 
 HERE = Path(__file__).resolve().parent
 # study row -> (table label, bench row name)

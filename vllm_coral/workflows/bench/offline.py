@@ -82,6 +82,9 @@ class OfflineRow:
     error: str | None = None
     # Which repeat of this method's (dataset, T) pass this row is (0 .. repeats-1).
     repeat: int = 0
+    # Engine seconds per step phase in the generate calls (PhaseTimes.to_dict(); see
+    # vllm_coral.plugin.phases); None where the engine timed none.
+    phases: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -265,11 +268,13 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, settings: _Setting
 
     from vllm_coral.plugin.engine import timed_chat
     from vllm_coral.plugin.metrics import SpecDecodeCounters
+    from vllm_coral.plugin.phases import PhaseTimes
 
     answers: dict[str, list[str]] = {p.id: [] for p in prompts}
     tokens: dict[str, list[int]] = {}
     prompt_ids: dict[str, list[int]] = {}
     counters = SpecDecodeCounters()
+    phases = PhaseTimes()
     total = sum(len(p.turns) for p in prompts)
     with tqdm(total=total, desc=desc, unit="req", leave=False, dynamic_ncols=True) as bar:
         for turn in range(1, max(len(p.turns) for p in prompts) + 1):
@@ -286,7 +291,9 @@ def _run_dataset(llm, prompts: list[Prompt], row: OfflineRow, settings: _Setting
             row.seconds += run.seconds
             row.output_tokens += run.num_output_tokens
             counters = counters + run.spec
+            phases = phases + run.phases
     row.requests = len(tokens)
+    row.phases = phases.to_dict() if phases.steps else None
     row.tokens_per_second = row.output_tokens / row.seconds if row.seconds else 0.0
     if row.speculative_config is not None:
         set_acceptance(row, counters)

@@ -10,6 +10,8 @@ into one ``summary.md`` and one set of plots:
 - ``tau.png``: τ per method, per dataset (one panel per temperature);
 - ``acceptance.png``: per-position acceptance curves (one panel per dataset x temperature);
 - ``speedup.png``: offline speedup over the target alone;
+- ``k_sweep.png``: speedup and τ against k (runs with ``-k``);
+- ``phases.png``: milliseconds per output token by step phase (:mod:`.breakdown`);
 - ``serve.png``: output tokens/s, speedup and TTFT p50 vs concurrency (serve runs).
 """
 
@@ -26,6 +28,7 @@ import sys
 from pathlib import Path
 
 from vllm_coral.models.checkpoint import portable_text
+from vllm_coral.workflows.bench.breakdown import format_phases, format_step_cost, plot_phases
 from vllm_coral.workflows.bench.plots import plot_acceptance, plot_serve, plot_speedup, plot_tau
 from vllm_coral.workflows.bench.plots import row_label as _label
 from vllm_coral.workflows.bench.sweep import format_k_sweep, plot_k_sweep
@@ -39,13 +42,11 @@ __all__ = [
     "format_headline",
     "format_offline",
     "format_serve",
-    "format_step_cost",
     "git_sha",
     "load_runs",
     "now_utc",
     "portable",
     "run_metadata",
-    "step_cost",
     "write_report",
     "write_run",
 ]
@@ -153,9 +154,9 @@ def aggregate_repeats(rows: list[dict]) -> list[dict]:
 
     tokens/s and speedup become their medians over the repeats that ran (robust to one
     disturbed pass), with ``speedup_range`` = [min, max] and ``repeats`` = how many; τ and
-    acceptance are the counters summed over the repeats. A row whose every repeat failed
-    keeps its error. Rows without repeats pass through unchanged. Worked example: speedups
-    0.90, 0.96, 0.93 -> 0.93x with range [0.90, 0.96].
+    acceptance are the counters summed over the repeats, and so are the step phases. A row
+    whose every repeat failed keeps its error. Rows without repeats pass through unchanged.
+    Worked example: speedups 0.90, 0.96, 0.93 -> 0.93x with range [0.90, 0.96].
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -177,6 +178,8 @@ def aggregate_repeats(rows: list[dict]) -> list[dict]:
             merged[key] = sum(r[key] for r in ok)
         if all(r.get("spec_counters") for r in ok):
             _merge_counters(merged, ok)
+        if all(r.get("phases") for r in ok):
+            merged["phases"] = _sum_phases(ok)
         out.append(merged)
     return out
 
@@ -186,6 +189,12 @@ def _merge_counters(merged: dict, rows: list[dict]) -> None:
 
     total = sum((SpecDecodeCounters.from_dict(r["spec_counters"]) for r in rows), SpecDecodeCounters())
     merged.update(total.row_fields())
+
+
+def _sum_phases(rows: list[dict]) -> dict:
+    from vllm_coral.plugin.phases import PhaseTimes
+
+    return sum((PhaseTimes.from_dict(r["phases"]) for r in rows), PhaseTimes()).to_dict()
 
 
 def write_report(runs: list[dict], out: Path, *, summary_name: str = "summary.md") -> list[Path]:
@@ -213,9 +222,11 @@ def write_report(runs: list[dict], out: Path, *, summary_name: str = "summary.md
             text += ["\n## k sweep (speedup and τ per k; best k = highest median speedup)\n", sweep]
             if plot_k_sweep(offline, out / "k_sweep.png"):
                 written.append(out / "k_sweep.png")
-        cost = format_step_cost(offline)
-        if cost:
-            text += ["\n## Where the time goes (T=0)\n", cost]
+        cost, phases = format_step_cost(offline), format_phases(offline)
+        if cost or phases:
+            text += ["\n## Where the time goes (T=0)\n", cost, phases]
+            if plot_phases(offline, out / "phases.png"):
+                written.append(out / "phases.png")
         mism = _mismatch_lines(offline)
         if mism:
             text += ["\n## T=0 outputs that differ from the target alone\n", mism]
@@ -292,39 +303,6 @@ def format_headline(rows: list[dict]) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines) + "\n")
     return "\n".join(out)
-
-
-def step_cost(r: dict) -> dict | None:
-    """Per-request decode steps of a speculative row, from its counters and output tokens.
-
-    Every step of a request emits 1 + (drafts accepted) tokens, so steps = tokens -
-    accepted, τ over all steps = tokens / steps (steps without a draft count, unlike τ),
-    and a step costs ``τ_all / speedup`` target-alone steps: the τ the method needs to
-    break even. Worked example: 100 tokens, 25 accepted, 60 drafts -> 75 steps, 80% of
-    them drafted, τ_all 1.33; at 0.67x a step costs 2.0 target steps.
-    """
-    c = r.get("spec_counters")
-    if not c or r.get("error") or not r.get("speedup") or r["kind"] == "none":
-        return None
-    steps = r["output_tokens"] - c["num_accepted_tokens"]
-    if steps <= 0:
-        return None
-    tau_all = r["output_tokens"] / steps
-    return {"steps": steps, "drafted": c["num_drafts"] / steps, "tau_all": tau_all, "cost": tau_all / r["speedup"]}
-
-
-def format_step_cost(rows: list[dict]) -> str:
-    lines = []
-    for r in sorted((r for r in rows if r["temperature"] == 0.0), key=lambda r: r["dataset"]):
-        sc = step_cost(r)
-        if sc:
-            lines.append(f"| {r['dataset']} | {r['method']} | {sc['drafted']:.0%} | {sc['tau_all']:.2f} "
-                         f"| {r['speedup']:.2f}x | {sc['cost']:.2f} |")  # fmt: skip
-    if not lines:
-        return ""
-    head = ("| dataset | method | steps with a draft | τ over all steps | speedup | step cost in target steps "
-            "(= τ to break even) |\n|---|---|---|---|---|---|")  # fmt: skip
-    return head + "\n" + "\n".join(lines) + "\n"
 
 
 def format_serve(rows: list[dict]) -> str:
