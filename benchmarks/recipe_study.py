@@ -3,6 +3,10 @@
     python benchmarks/recipe_study.py --features F/train --heldout F/heldout --runs runs/study \\
         --out benchmarks/results/recipe-study --max-steps 300 --only eagle eagle3-u3
 
+``--data-fractions 0.25 0.5 1`` trains every row on each share of the conversations (a
+nested random subset, ``LoopConfig.data_fraction``) at the same step budget: the
+data-size ablation (does a recipe get better with more data, or only with more steps?).
+
 Every row trains one recipe variant (``VARIANTS``) through the one loop on the same
 features, the same batches (same seed) and the same optimizer-step budget, then scores
 the held-out features with the recipe's own loss, **unrolled to ``--eval-unroll`` drafting
@@ -73,11 +77,19 @@ def tau(accept: list[float], k: int) -> float:
     return total
 
 
+def row_name(variant: str, fraction: float) -> str:
+    """'eagle3-u3', or 'eagle3-u3@0.25' for a row trained on a quarter of the conversations."""
+    return variant if fraction == 1.0 else f"{variant}@{fraction:g}"
+
+
 def train_row(name: str, args, loop: LoopConfig) -> dict:
-    recipe_name, overrides, what = VARIANTS[name]
+    variant = name.split("@")[0]
+    recipe_name, overrides, what = VARIANTS[variant]
+    if loop.data_fraction != 1.0:
+        what += f" ({loop.data_fraction:g} of the conversations)"
     recipe = get_recipe(recipe_name)
     cfg = replace(recipe.preset, **overrides)
-    out = args.runs / name
+    out = args.runs / name.replace("@", "-f")
     summary = run(recipe, cfg, loop, args.target, args.features, out, resume=(out / "trainer_state.json").exists(),
                   meta={"target": "smollm2-135m", "features": str(args.features)})  # fmt: skip
     head = TargetHead.load(args.target)
@@ -85,7 +97,8 @@ def train_row(name: str, args, loop: LoopConfig) -> dict:
     scored = evaluate(recipe, _eval_cfg(cfg, args.eval_unroll), module, head, args.heldout,
                       max_seq_len=loop.max_seq_len, batch_tokens=loop.batch_tokens)  # fmt: skip
     accept = [scored[f"acc/top1_step{j}"] for j in range(1, args.eval_unroll + 1)]
-    return dict(name=name, recipe=recipe_name, what=what, config=asdict(cfg), steps=summary["steps"],
+    return dict(name=name, recipe=recipe_name, what=what, config=asdict(cfg), data_fraction=loop.data_fraction,
+                steps=summary["steps"], sequences=summary["sequences"],
                 train_seconds=summary["train_seconds"], tokens_per_second=summary["tokens_per_second"],
                 cpu_hours=summary["train_seconds"] * torch.get_num_threads() / 3600, heldout=scored, accept=accept,
                 tau={k: tau(accept, k) for k in range(1, args.eval_unroll + 1)})  # fmt: skip
@@ -143,19 +156,22 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--eval-unroll", type=int, default=5)
+    p.add_argument("--data-fractions", type=float, nargs="+", default=[1.0],
+                   help="train every row on each of these shares of the conversations (data-size ablation)")
     args = p.parse_args()
     loop = LoopConfig(epochs=args.epochs, max_steps=args.max_steps, batch_tokens=args.batch_tokens, lr=args.lr,
                       dtype=args.dtype, save_every=100, warmup_steps=20)  # fmt: skip
     train_tokens = sum(e["tokens"] for e in json.loads((args.features / "index.json").read_text())["shards"])
     path = args.out / "recipe_study.json"
     done = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
-    rows = []
-    for name in args.only:
-        rows.append(done.get(name) or train_row(name, args, loop))
+    rows, names = [], [row_name(v, f) for v in args.only for f in args.data_fractions]
+    for name in names:
+        fraction = float(name.split("@")[1]) if "@" in name else 1.0
+        rows.append(done.get(name) or train_row(name, args, replace(loop, data_fraction=fraction)))
         result = dict(device=device_name("cpu"), git=git_sha(), date=now_utc(), loop=asdict(loop),
                       features=portable_path(args.features), heldout=portable_path(args.heldout),
                       train_tokens=train_tokens,
-                      eval_unroll=args.eval_unroll, rows=rows + [r for n, r in done.items() if n not in args.only])  # fmt: skip
+                      eval_unroll=args.eval_unroll, rows=rows + [r for n, r in done.items() if n not in names])  # fmt: skip
         write_outputs(args.out, "recipe_study", json.loads(json.dumps(result)), to_markdown, plot)
     return 0
 

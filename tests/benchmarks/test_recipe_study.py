@@ -39,3 +39,12 @@ def test_two_rows_train_score_and_resume(target_path, tiny_features, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # finished rows are skipped
     assert again.returncode == 0 and "train eagle" not in again.stderr
     assert json.loads((tmp_path / "out" / "recipe_study.json").read_text())["rows"] == result["rows"]
+
+    # The data-size ablation: the same row on a half of the conversations, beside the full one.
+    half = subprocess.run(cmd[:-2] + ["eagle", "--data-fractions", "0.5", "1"], capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert half.returncode == 0, half.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "recipe_study.json").read_text())["rows"]}
+    assert set(rows) == {"eagle", "eagle@0.5", "eagle3-u3-v8k"} and rows["eagle"] == result["rows"][0]
+    assert rows["eagle@0.5"]["data_fraction"] == 0.5 and rows["eagle@0.5"]["sequences"] == rows["eagle"]["sequences"] // 2
+    assert (tmp_path / "runs" / "eagle-f0.5" / "drafter").is_dir()

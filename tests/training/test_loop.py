@@ -182,3 +182,42 @@ def test_dataset_refuses_a_truncated_shard(tiny_features, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ValueError, match="unreadable feature shard"):
         FeatureDataset(copy, 1024, 576)
+
+
+def test_a_data_fraction_is_a_nested_seeded_subset(tiny_features):
+    full = FeatureDataset(tiny_features, 1024, 576)
+    half = FeatureDataset(tiny_features, 1024, 576, fraction=0.5, seed=3)
+    quarter = FeatureDataset(tiny_features, 1024, 576, fraction=0.25, seed=3)
+    assert (len(full), len(half), len(quarter)) == (12, 6, 3)
+    assert set(quarter.items) < set(half.items) < set(full.items)
+    assert set(FeatureDataset(tiny_features, 1024, 576, fraction=0.5, seed=4).items) != set(half.items)
+    # The draft vocabulary of a subset comes from the subset's own tokens.
+    want = sum(torch.bincount(ids[mask > 0].long(), minlength=49152) for ids, mask in map(quarter.tokens, range(3)))
+    assert torch.equal(quarter.token_counts(49152), want)
+    assert quarter.token_counts(49152).sum() < full.token_counts(49152).sum()
+    with pytest.raises(ValueError, match=r"data_fraction must be in \(0, 1\], got 0"):
+        LoopConfig(data_fraction=0)
+
+
+@pytest.mark.slow
+def test_data_fraction_trains_on_fewer_batches(target_path, tiny_features, tmp_path):
+    """Same steps asked for, a quarter of the conversations: fewer batches per epoch, so
+    the run ends at its (smaller) epoch budget; a run saved before the field existed resumes."""
+    out = tmp_path / "q"
+    proc = subprocess.run(_train_cmd(target_path, tiny_features, out, "--data-fraction", "0.25", "--max-steps", "100")
+                          + ["--epochs", "1"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["loop"]["data_fraction"] == 0.25 and 1 <= state["step"] <= 3  # 3 of 12 conversations, 256 tokens
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(target_path, tiny_features, full, "--max-steps", "2"), check=True, capture_output=True,
+                   timeout=600)  # fmt: skip
+    saved = json.loads((full / "trainer_state.json").read_text())
+    del saved["loop"]["data_fraction"]  # as written before the field existed
+    (full / "trainer_state.json").write_text(json.dumps(saved))
+    again = subprocess.run(_train_cmd(target_path, tiny_features, full, "--max-steps", "3", "--resume"),
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode != 0 and "different loop" in again.stderr  # max_steps differs: still refused
+    again = subprocess.run(_train_cmd(target_path, tiny_features, full, "--max-steps", "2", "--resume"),
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]

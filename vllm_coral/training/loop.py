@@ -62,10 +62,14 @@ class LoopConfig:
     log_every: int = knob(10, "TensorBoard scalars every this many steps")
     eval_every: int | None = knob(None, "score --heldout-features every this many steps (always at the end)")
     seed: int = knob(0, "data order, noise and initialisation")
+    data_fraction: float = knob(1.0, "train on this share of the conversations, a random subset drawn with the seed "
+                                     "(data-size ablations; 0.25 is inside 0.5)")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_tokens < 2 or self.max_seq_len < 3:
             raise ValueError("epochs must be >= 1, batch_tokens >= 2 and max_seq_len >= 3")
+        if not 0.0 < self.data_fraction <= 1.0:
+            raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -214,7 +218,7 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
     if rt.autocast_dtype is not None:
         head = head.with_head_dtype(rt.autocast_dtype)
     data = FeatureDataset(features, loop.max_seq_len, head.hidden_size, aux=recipe.uses_aux(cfg),
-                          text_ok=recipe.reads_text(cfg))
+                          text_ok=recipe.reads_text(cfg), fraction=loop.data_fraction, seed=loop.seed)
     module = recipe.build(cfg, head, data).to(rt.device)
     objective = _Objective(recipe, cfg, module, head)
     ddp_kw = {"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}
@@ -228,6 +232,8 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
     if resume and state_file.exists():
         saved, tensors = read_state(out, "trainer_state")
         want = json.loads(json.dumps(run_.state_meta(saved["step"])))  # tuples as JSON lists
+        # A loop field added since the run was saved counts as its default.
+        saved["loop"] = {**json.loads(json.dumps(asdict(LoopConfig()))), **saved.get("loop", {})}
         for key in ("recipe", "recipe_config", "loop", "world_size"):
             if saved.get(key) != want[key]:
                 raise ValueError(f"{out}: --resume with a different {key} than the saved run ({saved.get(key)})")
