@@ -7,12 +7,14 @@ attention metadata; ``forward``: the target's layers; ``postprocess``: its LM he
 drafter's ``propose``, every draft position; ``bookkeep``: outputs back to the requests).
 Those scopes are no-ops unless a profiler is asked for: the function they call is the
 module global ``vllm.v1.utils._PROFILER_FUNC``, set on first use. :func:`install` sets it
-first, to a timer that adds each scope's wall-clock time (``time.perf_counter``; CPU ops
-are synchronous) to a small file shared with the process that opened the engine.
+first, so that in an engine process a timer adds each scope's wall-clock time
+(``time.perf_counter``; CPU ops are synchronous) to a small file shared with the process
+that opened the engine.
 
-The file is a fixed layout of float64 pairs (seconds, count) per phase after an 8-byte
-magic, memory-mapped by the engine's worker and read by :func:`read_phases`, so a scope
-costs one ``perf_counter`` pair and two stores (~1 µs against steps of tens of ms) and the
+The file is a fixed layout of float64 pairs (seconds, count) per phase after a 16-byte
+header (magic, pid of the creating process), memory-mapped by the engine's worker and read
+by :func:`read_phases`, so a scope costs one ``perf_counter`` pair and two stores (~1.5 µs
+measured, against steps of tens of ms) and the
 reader always sees the totals of every finished scope. Totals are cumulative per engine:
 measure a run as the difference of two snapshots, like vLLM's counters.
 
