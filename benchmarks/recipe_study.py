@@ -82,8 +82,9 @@ def row_name(variant: str, fraction: float) -> str:
     return variant if fraction == 1.0 else f"{variant}@{fraction:g}"
 
 
-def train_row(name: str, args, loop: LoopConfig) -> dict:
-    variant = name.split("@")[0]
+def train_row(variant: str, args, loop: LoopConfig) -> dict:
+    """Train and score one variant on ``loop.data_fraction`` of the conversations."""
+    name = row_name(variant, loop.data_fraction)
     recipe_name, overrides, what = VARIANTS[variant]
     if loop.data_fraction != 1.0:
         what += f" ({loop.data_fraction:g} of the conversations)"
@@ -164,10 +165,11 @@ def main() -> int:
     train_tokens = sum(e["tokens"] for e in json.loads((args.features / "index.json").read_text())["shards"])
     path = args.out / "recipe_study.json"
     done = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
-    rows, names = [], [row_name(v, f) for v in args.only for f in args.data_fractions]
-    for name in names:
-        fraction = float(name.split("@")[1]) if "@" in name else 1.0
-        rows.append(done.get(name) or train_row(name, args, replace(loop, data_fraction=fraction)))
+    runs = [(v, f) for v in args.only for f in args.data_fractions]
+    names = [row_name(v, f) for v, f in runs]
+    rows = []
+    for (variant, fraction), name in zip(runs, names):
+        rows.append(done.get(name) or train_row(variant, args, replace(loop, data_fraction=fraction)))
         result = dict(device=device_name("cpu"), git=git_sha(), date=now_utc(), loop=asdict(loop),
                       features=portable_path(args.features), heldout=portable_path(args.heldout),
                       train_tokens=train_tokens,
