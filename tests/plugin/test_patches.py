@@ -144,11 +144,12 @@ def test_cpu_defaults_respect_user_settings(tmp_path):
     assert plan == {
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "NUMBA_THREADING_LAYER": "workqueue",
         "LD_PRELOAD": str(lib),
     }
-    user = {"VLLM_CPU_KVCACHE_SPACE": "8", "LD_PRELOAD": "/x/libtcmalloc.so"}
+    user = {"VLLM_CPU_KVCACHE_SPACE": "8", "LD_PRELOAD": "/x/libtcmalloc.so", "NUMBA_THREADING_LAYER": "omp"}
     plan = planned_cpu_defaults(user, 2, lib)
-    assert "VLLM_CPU_KVCACHE_SPACE" not in plan
+    assert "VLLM_CPU_KVCACHE_SPACE" not in plan and "NUMBA_THREADING_LAYER" not in plan
     assert plan["LD_PRELOAD"] == f"{lib}:/x/libtcmalloc.so"
     assert "LD_PRELOAD" not in planned_cpu_defaults({"LD_PRELOAD": "/y/libgomp.so"}, 2, lib)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in planned_cpu_defaults({}, 32, None)

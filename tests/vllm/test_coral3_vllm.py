@@ -15,8 +15,6 @@ target's output distribution at T=1 with probabilistic drafting (chi-square test
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from vllm_coral.models.target import TargetHead  # noqa: E402
 from vllm_coral.models.vocab_groups import partition_vocab  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
+from .refusal import engine_start_failure_logs  # noqa: E402
 
 CKPTS = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m"
 
@@ -91,16 +90,8 @@ def test_broken_row_map_is_refused_at_load(target_path, tmp_path):
     tensors = load_file(str(ckpt / "model.safetensors"))
     tensors["vocab_groups.row_to_token"][:2] = 0  # row 0 twice, another row missing
     save_file(tensors, str(ckpt / "model.safetensors"))
-    code = f"""
-from vllm_coral.plugin.engine import engine_kwargs, open_llm
-if __name__ == "__main__":
-    spec = {{"method": "eagle3", "model": {str(ckpt)!r}, "num_speculative_tokens": 3}}
-    with open_llm(**engine_kwargs({str(target_path)!r}, dtype="float32", speculative_config=spec)):
-        pass
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    logs = proc.stdout + proc.stderr  # vLLM logs the worker's root cause
+    spec = {"method": "eagle3", "model": str(ckpt), "num_speculative_tokens": 3}
+    logs = engine_start_failure_logs(target_path, spec)
     assert "CheckpointError: CORAL-3 drafter" in logs and "bad group map vocab_groups.row_to_token" in logs, logs[-2000:]
     assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["Eagle3CoralLlamaForCausalLM"]
 

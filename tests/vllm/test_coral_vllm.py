@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -27,6 +25,7 @@ from vllm_coral.demo import committed_drafters  # noqa: E402
 from vllm_coral.models.registry import load_drafter, validate_drafter  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
+from .refusal import engine_start_failure_logs  # noqa: E402
 from .stats import assert_same_distribution  # noqa: E402
 
 CORAL = committed_drafters("smollm2-135m").get("coral")
@@ -70,16 +69,8 @@ def test_broken_group_map_is_refused_at_load(target_path, tmp_path):
     tensors = load_file(str(ckpt / "model.safetensors"))
     tensors["vocab_groups.row_to_token"][:2] = 0  # token 0 twice, another token missing
     save_file(tensors, str(ckpt / "model.safetensors"))
-    code = f"""
-from vllm_coral.plugin.engine import engine_kwargs, open_llm
-if __name__ == "__main__":
-    spec = {{"method": "eagle", "model": {str(ckpt)!r}, "num_speculative_tokens": 3}}
-    with open_llm(**engine_kwargs({str(target_path)!r}, dtype="float32", speculative_config=spec)):
-        pass
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    logs = proc.stdout + proc.stderr  # vLLM logs the worker's root cause
+    spec = {"method": "eagle", "model": str(ckpt), "num_speculative_tokens": 3}
+    logs = engine_start_failure_logs(target_path, spec)
     assert "CheckpointError: CORAL drafter" in logs and "bad group map vocab_groups.row_to_token" in logs
     # the header-only pre-flight check cannot see tensor values; loading the tensors does
     from vllm_coral.models.checkpoint import CheckpointError

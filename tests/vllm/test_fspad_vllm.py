@@ -18,8 +18,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,6 +31,7 @@ from vllm_coral.models.fspad import FspadConfig, FspadDrafter  # noqa: E402
 from vllm_coral.models.registry import load_drafter, save_drafter, validate_drafter  # noqa: E402
 
 from .conftest import CONVERSATIONS, MAX_TOKENS  # noqa: E402
+from .refusal import engine_start_failure_logs  # noqa: E402
 from .stats import assert_same_distribution  # noqa: E402
 
 EAGLE = committed_drafters("smollm2-135m").get("eagle")
@@ -131,14 +130,6 @@ def test_missing_tensor_is_refused_at_load(target_path, tmp_path):
     tensors = load_file(str(ckpt / "model.safetensors"))
     tensors.pop("sampler.up_proj.weight")
     save_file(tensors, str(ckpt / "model.safetensors"))
-    code = f"""
-from vllm_coral.plugin.engine import engine_kwargs, open_llm
-if __name__ == "__main__":
-    spec = {{"method": "eagle", "model": {str(ckpt)!r}, "num_speculative_tokens": 3}}
-    with open_llm(**engine_kwargs({str(target_path)!r}, dtype="float32", speculative_config=spec)):
-        pass
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    logs = proc.stdout + proc.stderr  # vLLM logs the worker's root cause
+    spec = {"method": "eagle", "model": str(ckpt), "num_speculative_tokens": 3}
+    logs = engine_start_failure_logs(target_path, spec)
     assert "CheckpointError: FSPAD drafter" in logs and "missing tensor(s) sampler.up_proj.weight" in logs

@@ -18,6 +18,14 @@ processes, which inherit them. A variable the user already set is never touched,
     worker warns that speculative decoding without it "will cause significant performance
     loss". Preloading only affects processes started after this point (the engine core and
     workers); it is added only when LD_PRELOAD names no OpenMP runtime yet.
+``NUMBA_THREADING_LAYER=workqueue``
+    vLLM's ngram proposer is a ``numba`` ``parallel=True`` function that vLLM runs on one
+    thread. Numba's default OpenMP layer still wakes an OpenMP team for it, and that team
+    competes with the target's forward for the cores: at batch 1 on 2 cores the ngram
+    engine's target forward took 72-75 ms per step instead of 50-52 with ``workqueue``
+    (target alone: 46-53), whichever OpenMP runtime torch used, so ngram ran at 0.90-1.01x
+    instead of 1.26-1.27x the target (benchmarks/results/ngram-numba-threads/). Numba's
+    own ``workqueue`` layer has no spinning team and needs nothing installed.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ def planned_cpu_defaults(
         plan["VLLM_CPU_KVCACHE_SPACE"] = _KV_CACHE_GIB
     if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in environ and (cpu_count or 1) <= _SMALL_MACHINE_CORES:
         plan["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    if "NUMBA_THREADING_LAYER" not in environ:
+        plan["NUMBA_THREADING_LAYER"] = "workqueue"
     preload = environ.get("LD_PRELOAD", "")
     if libiomp is not None and not any(rt in preload for rt in ("libiomp", "libomp", "libgomp")):
         plan["LD_PRELOAD"] = f"{libiomp}:{preload}" if preload else str(libiomp)
