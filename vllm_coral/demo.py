@@ -6,9 +6,10 @@ same chat prompts at T=0:
 1. ``target``: vLLM with no speculation (the baseline for speedup and for outputs);
 2. ``draft_model (self)``: vLLM's built-in ``draft_model`` method with the target as its
    own drafter. Every draft must be accepted (per-position acceptance 1.0), so this row
-   checks the acceptance accounting end to end; it is *slower* than the target alone
-   because the drafter costs as much as the target;
-3. each drafter committed under ``checkpoints/<target>/`` (EAGLE and HASS baselines and the
+   checks the acceptance accounting end to end; it is no faster than the target alone
+   (the drafter costs as much as the target; only vLLM's per-step overhead is shared);
+3. ``ngram``: vLLM's prompt-lookup drafter, the free baseline a trained drafter must beat;
+4. each drafter committed under ``checkpoints/<target>/`` (EAGLE and HASS baselines and the
    CORAL drafter with its LM-head router, trained by ``vllm-coral train``), served by vLLM's
    ``eagle`` method (CORAL through the plugin's routed-head drafter class), and the small-LM
    drafter (``train small-lm``), served by vLLM's own ``draft_model`` method.
@@ -82,6 +83,7 @@ def run_demo(
     entries = [
         {"name": "target", "method": "none"},
         {"name": "draft_model (self)", "method": "draft_model", "model": str(model)},
+        {"name": "ngram", "method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4},
     ]
     entries += [drafter_entry(name, ckpt) for name, ckpt in committed_drafters(target).items()]
     specs = resolve_methods(entries, target_config=read_config(model), default_k=num_speculative_tokens)
