@@ -83,7 +83,7 @@ def run_demo(
     entries = [
         {"name": "target", "method": "none"},
         {"name": "draft_model (self)", "method": "draft_model", "model": str(model)},
-        {"name": "ngram", "method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+        {"name": "ngram", "method": "ngram"},  # prompt lookup 2..4: the methods default
     ]
     entries += [drafter_entry(name, ckpt) for name, ckpt in committed_drafters(target).items()]
     specs = resolve_methods(entries, target_config=read_config(model), default_k=num_speculative_tokens)

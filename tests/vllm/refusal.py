@@ -1,7 +1,7 @@
 """Loading a broken drafter checkpoint into a real engine must fail, with the cause in the logs.
 
-The engine is started in a child process: the failure happens in vLLM's worker, and a failed
-engine start would leave this test process in a state that later engines cannot share.
+The engine is started in a child process, so that its failure ends that process only; the
+root cause is raised in vLLM's worker and shows up in the logs the child prints.
 """
 
 from __future__ import annotations
