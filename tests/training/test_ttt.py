@@ -55,6 +55,20 @@ def test_a_draft_vocabulary_is_the_most_written_tokens(target_path, tiny_feature
     assert 0.5 < summary["eval"]["acc/draft_vocab_mass"] <= 1.0
 
 
+def test_training_scores_the_draft_vocabulary_only_with_the_same_loss(target_path, tiny_features):
+    # training computes the target's logits over the draft vocabulary only; its loss must be
+    # the eval-mode loss (full softmax, restricted and renormalised) on the same batch
+    cfg = replace(EAGLE3.preset, draft_vocab=64, unroll=2)
+    module = EAGLE3.build(cfg, _head(target_path), _data(tiny_features))
+    batch = _data(tiny_features).collate([0, 1], torch.Generator())
+    with torch.no_grad():
+        fast, fast_terms = EAGLE3.loss(cfg, module.train(), _head(target_path), batch)
+        full, full_terms = EAGLE3.loss(cfg, module.eval(), _head(target_path), batch)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_terms["loss/ce_step2"], full_terms["loss/ce_step2"], rtol=1e-5, atol=1e-6)
+    assert "acc/draft_vocab_mass" in full_terms and "acc/draft_vocab_mass" not in fast_terms
+
+
 def test_heldout_scoring_is_noise_free_and_repeatable(target_path, tiny_features):
     cfg = replace(EAGLE3.preset, noise_std=5.0, unroll=2)
     module = EAGLE3.build(cfg, _head(target_path), _data(tiny_features)).train()

@@ -97,10 +97,7 @@ def _loss(cfg: TTTConfig, drafter: Eagle3Drafter, head, batch):
     keep = next_token_weight(batch.mask) > 0
     terms: dict[str, float] = {}
     with torch.no_grad():
-        target = target_distribution(head.logits(batch.feats[:, 1:][keep]))
-        if cfg.draft_vocab:
-            target, mass = target.restrict(drafter.draft_ids)
-            terms["acc/draft_vocab_mass"] = mass.mean().item()
+        target = _target(cfg, drafter, head, batch.feats[:, 1:][keep], terms)
     weights = [cfg.step_decay ** (j - 1) for j in range(1, cfg.unroll + 1)]
     common = keep.clone()
     common[:, : cfg.unroll - 1] = False  # indices every step scores (for CSRA)
@@ -121,6 +118,21 @@ def _loss(cfg: TTTConfig, drafter: Eagle3Drafter, head, batch):
         total = total + cfg.csra.weight * l_csra
         terms["loss/csra"] = l_csra.item()
     return total, {"loss/total": total.item(), **terms}
+
+
+def _target(cfg: TTTConfig, drafter: Eagle3Drafter, head, f_next: torch.Tensor, terms: dict):
+    """The target's distribution at the scored rows. With a draft vocabulary, training
+    computes only its Vd logits: softmax over them is exactly p restricted and renormalised,
+    the loss's target, at a sixth of the full head's cost (plus the 49152-wide softmax,
+    argmax and gather it skips); top-1 is then counted within the draft vocabulary. Scoring
+    (eval mode) keeps the full head: misses outside the draft vocabulary, and the mass."""
+    if not cfg.draft_vocab:
+        return target_distribution(head.logits(f_next))
+    if drafter.training:
+        return target_distribution(head.rows(drafter.draft_ids).logits(f_next))
+    target, mass = target_distribution(head.logits(f_next)).restrict(drafter.draft_ids)
+    terms["acc/draft_vocab_mass"] = mass.mean().item()
+    return target
 
 
 def _exporter(name: str):
