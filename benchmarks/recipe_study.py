@@ -23,6 +23,13 @@ also records its wall time and CPU-hours (wall x threads), so recipes compare on
 tau per CPU-hour. Runs resume (``--resume`` in the loop) and finished rows are skipped, so
 a study can be cut and continued.
 
+``--score NAME=FEATURES`` scores every row on more feature sets too (a table each). The
+held-out split's answers run to 384 tokens and fall into loops late in long answers, which
+a drafter predicts easily: they overstate what vLLM accepts on short benchmark answers
+(EAGLE on the 12K set: 0.639 there, 0.458 on MT-bench answered at 128 tokens, 0.38 served).
+So the study also scores held-out prompts and MT-bench answered as ``vllm-coral bench``
+answers them (2 turns, 128 tokens each): see benchmarks/results/recipe-study-12k/README.md.
+
 Writes ``recipe_study.json`` (every row: configs, per-step scores, timings), ``.md``, ``.png``.
 """
 
@@ -93,16 +100,41 @@ def train_row(variant: str, args, loop: LoopConfig) -> dict:
     out = args.runs / name.replace("@", "-f")
     summary = run(recipe, cfg, loop, args.target, args.features, out, resume=(out / "trainer_state.json").exists(),
                   meta={"target": "smollm2-135m", "features": str(args.features)})  # fmt: skip
-    head = TargetHead.load(args.target)
-    module, _ = load_drafter(out / "drafter", head.config)
-    scored = evaluate(recipe, _eval_cfg(cfg, args.eval_unroll), module, head, args.heldout,
-                      max_seq_len=loop.max_seq_len, batch_tokens=loop.batch_tokens)  # fmt: skip
-    accept = [scored[f"acc/top1_step{j}"] for j in range(1, args.eval_unroll + 1)]
+    scored = score(variant, out, args.heldout, args, loop)
     return dict(name=name, recipe=recipe_name, what=what, config=asdict(cfg), data_fraction=loop.data_fraction,
                 steps=summary["steps"], sequences=summary["sequences"],
                 train_seconds=summary["train_seconds"], tokens_per_second=summary["tokens_per_second"],
-                cpu_hours=summary["train_seconds"] * torch.get_num_threads() / 3600, heldout=scored, accept=accept,
-                tau={k: tau(accept, k) for k in range(1, args.eval_unroll + 1)})  # fmt: skip
+                cpu_hours=summary["train_seconds"] * torch.get_num_threads() / 3600, heldout=scored["terms"],
+                accept=scored["accept"], tau=scored["tau"])  # fmt: skip
+
+
+def score(variant: str, run_dir: Path, features: Path, args, loop: LoopConfig) -> dict:
+    """The row's drafter (``run_dir``/drafter) scored on ``features``, unrolled to ``--eval-unroll`` steps."""
+    recipe_name, overrides, _ = VARIANTS[variant]
+    recipe = get_recipe(recipe_name)
+    cfg = replace(recipe.preset, **overrides)
+    head = TargetHead.load(args.target)
+    module, _ = load_drafter(run_dir / "drafter", head.config)
+    terms = evaluate(recipe, _eval_cfg(cfg, args.eval_unroll), module, head, features,
+                     max_seq_len=loop.max_seq_len, batch_tokens=loop.batch_tokens)  # fmt: skip
+    accept = [terms[f"acc/top1_step{j}"] for j in range(1, args.eval_unroll + 1)]
+    return dict(features=portable_path(features), tokens=terms["tokens"], terms=terms, accept=accept,
+                tau={k: tau(accept, k) for k in range(1, args.eval_unroll + 1)})
+
+
+def add_scores(row: dict, variant: str, args, loop: LoopConfig) -> dict:
+    """Score ``row`` on every ``--score`` set it lacks (from its run folder); a row whose run
+    folder is gone keeps what it has, and says so."""
+    scores = row.setdefault("scores", {})
+    run_dir = args.runs / row["name"].replace("@", "-f")
+    for name, features in args.score:
+        if name in scores:
+            continue
+        if not (run_dir / "drafter").is_dir():
+            print(f"{row['name']}: not scored on {name}: no drafter in {run_dir}", file=sys.stderr)
+            continue
+        scores[name] = {k: v for k, v in score(variant, run_dir, features, args, loop).items() if k != "terms"}
+    return row
 
 
 def _eval_cfg(cfg, unroll: int):
@@ -119,7 +151,19 @@ def to_markdown(result: dict) -> str:
             for r in result["rows"]]  # fmt: skip
     meta = (f"{result['device']}; features {result['features']} ({result['train_tokens']} train tokens), "
             f"held-out {result['heldout']}; loop {json.dumps(result['loop'])}; git {result['git']}\n\n")  # fmt: skip
-    return f"# Recipe study (held-out, offline)\n\n{meta}" + head + "\n".join(rows) + "\n"
+    return f"# Recipe study (held-out, offline)\n\n{meta}" + head + "\n".join(rows) + "\n" + _scores_markdown(result)
+
+
+def _scores_markdown(result: dict) -> str:
+    """One table per ``--score`` set (e.g. MT-bench answered as the served benchmark answers it)."""
+    k3 = str(min(3, result["eval_unroll"]))
+    out = []
+    for name, features in result.get("score_sets", {}).items():
+        rows = [f"| {r['name']} | {' / '.join(f'{a:.3f}' for a in s['accept'])} | {s['tau'][k3]:.2f} | {s['tokens']} |"
+                for r in result["rows"] if (s := r.get("scores", {}).get(name))]  # fmt: skip
+        out.append(f"\n## Scored on {name} ({features})\n\n| row | top-1 by step | tau(k={k3}) | tokens |\n"
+                   "|---|---|---|---|\n" + "\n".join(rows) + "\n")  # fmt: skip
+    return "".join(out)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -159,23 +203,36 @@ def main() -> int:
     p.add_argument("--eval-unroll", type=int, default=5)
     p.add_argument("--data-fractions", type=float, nargs="+", default=[1.0],
                    help="train every row on each of these shares of the conversations (data-size ablation)")
+    p.add_argument("--score", action="append", default=[], type=_named_path, metavar="NAME=FEATURES",
+                   help="also score every row on these features (e.g. MT-bench answered as the served benchmark "
+                        "does); finished rows are scored from their run folder")  # fmt: skip
     args = p.parse_args()
     loop = LoopConfig(epochs=args.epochs, max_steps=args.max_steps, batch_tokens=args.batch_tokens, lr=args.lr,
                       dtype=args.dtype, save_every=100, warmup_steps=20)  # fmt: skip
     train_tokens = sum(e["tokens"] for e in json.loads((args.features / "index.json").read_text())["shards"])
     path = args.out / "recipe_study.json"
-    done = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    before = json.loads(path.read_text()) if path.exists() else {}
+    done = {r["name"]: r for r in before.get("rows", [])}
+    score_sets = {**before.get("score_sets", {}), **{n: portable_path(f) for n, f in args.score}}
     runs = [(v, f) for v in args.only for f in args.data_fractions]
     names = [row_name(v, f) for v, f in runs]
     rows = []
     for (variant, fraction), name in zip(runs, names):
-        rows.append(done.get(name) or train_row(variant, args, replace(loop, data_fraction=fraction)))
+        row = done.get(name) or train_row(variant, args, replace(loop, data_fraction=fraction))
+        rows.append(add_scores(row, variant, args, replace(loop, data_fraction=fraction)))
         result = dict(device=device_name("cpu"), git=git_sha(), date=now_utc(), loop=asdict(loop),
                       features=portable_path(args.features), heldout=portable_path(args.heldout),
-                      train_tokens=train_tokens,
+                      train_tokens=train_tokens, score_sets=score_sets,
                       eval_unroll=args.eval_unroll, rows=rows + [r for n, r in done.items() if n not in names])  # fmt: skip
         write_outputs(args.out, "recipe_study", json.loads(json.dumps(result)), to_markdown, plot)
     return 0
+
+
+def _named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=FEATURES, e.g. mt_bench=features/mtb/train")
+    return name, Path(path)
 
 
 if __name__ == "__main__":

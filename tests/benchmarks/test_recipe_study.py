@@ -48,3 +48,17 @@ def test_two_rows_train_score_and_resume(target_path, tiny_features, tmp_path):
     assert set(rows) == {"eagle", "eagle@0.5", "eagle3-u3-v8k"} and rows["eagle"] == result["rows"][0]
     assert rows["eagle@0.5"]["data_fraction"] == 0.5 and rows["eagle@0.5"]["sequences"] == rows["eagle"]["sequences"] // 2
     assert (tmp_path / "runs" / "eagle-f0.5" / "drafter").is_dir()
+
+    # --score: finished rows are scored on another set from their run folders (here the same
+    # features, so the same numbers), and a row rebuilt from a finished run keeps its throughput.
+    (tmp_path / "out" / "recipe_study.json").unlink()
+    scored = subprocess.run(cmd[:-2] + ["eagle", "--score", f"again={tiny_features}"], capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "recipe_study.json").read_text())
+    (row,) = result["rows"]
+    assert row["scores"]["again"]["accept"] == pytest.approx(row["accept"]) and row["tokens_per_second"] > 0
+    assert list(result["score_sets"]) == ["again"] and str(tiny_features).endswith(result["score_sets"]["again"])
+    assert "## Scored on again" in (tmp_path / "out" / "recipe_study.md").read_text()
+    bad = subprocess.run(cmd + ["--score", "no-equals-sign"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "expected NAME=FEATURES" in bad.stderr

@@ -243,6 +243,12 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
     return run_
 
 
+def _run_tokens(r: _Run) -> int:
+    """Tokens in all of the run's steps, resumed ones included (the batches are fixed by the seed),
+    so a resumed or already finished run reports its whole-run throughput."""
+    return sum(r.data.items[i].length for b in r.batches[: r.total * r.rt.world] for i in b)
+
+
 def _save(r: _Run, step: int) -> list[Path]:
     r.out.mkdir(parents=True, exist_ok=True)
     write_state(r.out, "trainer_state", _state_tensors(r.module, r.opt), r.state_meta(step))
@@ -308,12 +314,11 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
     writer, bar = _observers(r, progress) if main else (None, None)
     terms: dict[str, float] = {}
     written: list[Path] = []
-    t0, tokens = time.perf_counter(), 0
+    t0 = time.perf_counter()
     r.t0 = t0
     r.model.train()
     for step in range(r.start, r.total):
         terms = _step(r, step)
-        tokens += sum(r.data.items[i].length for i in r.batches[step * r.rt.world + r.rt.rank])
         done = step + 1
         if writer is not None and (done % loop.log_every == 0 or done == r.total):
             for k, v in terms.items():
@@ -338,7 +343,8 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
         written = _save(r, r.total)
     summary = dict(steps=r.total, start_step=r.start, seconds=seconds, train_seconds=r.seconds_before + seconds,
                    sequences=len(r.data), world_size=r.rt.world,
-                   device=str(r.rt.device), tokens_per_second=tokens * r.rt.world / max(seconds, 1e-9), last=terms,
+                   device=str(r.rt.device), tokens_per_second=_run_tokens(r) / max(r.seconds_before + seconds, 1e-9),
+                   last=terms,
                    checkpoints=[str(p) for p in written])  # fmt: skip
     if scores is not None:
         summary["eval"] = scores
