@@ -49,6 +49,7 @@ from common import device_name, git_sha, now_utc, write_outputs  # noqa: E402
 from vllm_coral.models.checkpoint import portable_path  # noqa: E402
 from vllm_coral.models.registry import load_drafter  # noqa: E402
 from vllm_coral.models.target import TargetHead  # noqa: E402
+from vllm_coral.training.dataset import FeatureDataset  # noqa: E402
 from vllm_coral.training.evaluate import evaluate  # noqa: E402
 from vllm_coral.training.loop import LoopConfig, run  # noqa: E402
 from vllm_coral.training.recipes import get_recipe  # noqa: E402
@@ -215,6 +216,7 @@ def main() -> int:
     done = {r["name"]: r for r in before.get("rows", [])}
     score_sets = {**before.get("score_sets", {}), **{n: portable_path(f) for n, f in args.score}}
     runs = [(v, f) for v in args.only for f in args.data_fractions]
+    check_scoring_sets(args, loop)
     names = [row_name(v, f) for v, f in runs]
     rows = []
     for (variant, fraction), name in zip(runs, names):
@@ -226,6 +228,27 @@ def main() -> int:
                       eval_unroll=args.eval_unroll, rows=rows + [r for n, r in done.items() if n not in names])  # fmt: skip
         write_outputs(args.out, "recipe_study", json.loads(json.dumps(result)), to_markdown, plot)
     return 0
+
+
+def check_scoring_sets(args, loop: LoopConfig) -> None:
+    """Fail before any training when a row could not be scored on ``--heldout`` or a ``--score``
+    set (e.g. EAGLE-3 rows on features extracted without ``--aux-layers``)."""
+    head = TargetHead.load(args.target)
+    index = json.loads((args.features / "index.json").read_text())
+    train_aux = tuple(index.get("config", {}).get("aux_layers", ()))
+    for variant in args.only:
+        recipe_name, overrides, _ = VARIANTS[variant]
+        recipe = get_recipe(recipe_name)
+        cfg = replace(recipe.preset, **overrides)
+        for features in [args.heldout] + [f for _, f in args.score]:
+            try:
+                data = FeatureDataset(features, loop.max_seq_len, head.hidden_size, aux=recipe.uses_aux(cfg),
+                                      text_ok=recipe.reads_text(cfg))  # fmt: skip
+            except ValueError as e:
+                raise SystemExit(f"cannot score {variant} rows: {e}") from None
+            if recipe.uses_aux(cfg) and data.aux_layers != train_aux:
+                raise SystemExit(f"{features}: aux layers {list(data.aux_layers)}, but the training features "
+                                 f"have {list(train_aux)}; extract both with the same --aux-layers")  # fmt: skip
 
 
 def _named_path(text: str) -> tuple[str, Path]:

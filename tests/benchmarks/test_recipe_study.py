@@ -62,3 +62,13 @@ def test_two_rows_train_score_and_resume(target_path, tiny_features, tmp_path):
     assert "## Scored on again" in (tmp_path / "out" / "recipe_study.md").read_text()
     bad = subprocess.run(cmd + ["--score", "no-equals-sign"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected NAME=FEATURES" in bad.stderr
+
+
+def test_a_scoring_set_the_rows_cannot_read_fails_before_training(target_path, tiny_features, tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recipe_study.py"), "--target", str(target_path),
+           "--features", str(tiny_features), "--heldout", str(tiny_features), "--runs", str(tmp_path / "runs"),
+           "--out", str(tmp_path / "out"), "--max-steps", "1", "--only", "eagle3-u3-v8k",
+           "--score", f"missing={tmp_path / 'nothing'}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "cannot score eagle3-u3-v8k rows" in proc.stderr
+    assert "index.json" in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "runs").exists()
