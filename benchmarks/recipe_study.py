@@ -64,6 +64,7 @@ VARIANTS = {
     "eagle3-u1": ("eagle3", {"unroll": 1}, "EAGLE-3 inputs (fused layers 2/15/27), token loss, 1 step"),
     "eagle3-u3": ("eagle3", {"unroll": 3}, "EAGLE-3: fused inputs + 3 training-time-test steps"),
     "eagle3-u3-v8k": ("eagle3", {"unroll": 3, "draft_vocab": 8192}, "EAGLE-3 u3, 8192-token draft vocabulary"),
+    "eagle3-u3-v16k": ("eagle3", {"unroll": 3, "draft_vocab": 16384}, "EAGLE-3 u3, 16384-token draft vocabulary"),
     "eagle3-u3-2l": ("eagle3", {"unroll": 3, "layers": 2}, "EAGLE-3 u3, two decoder layers"),
     "eagle3-u3-detach": ("eagle3", {"unroll": 3, "detach": True}, "EAGLE-3 u3, no gradient between steps"),
     "eagle3-u3-csra": ("eagle3-csra", {"unroll": 3}, "EAGLE-3 u3 + CORAL's CSRA"),
