@@ -102,7 +102,7 @@ def train_row(variant: str, args, loop: LoopConfig) -> dict:
     out = args.runs / name.replace("@", "-f")
     summary = run(recipe, cfg, loop, args.target, args.features, out, resume=(out / "trainer_state.json").exists(),
                   meta={"target": "smollm2-135m", "features": str(args.features)})  # fmt: skip
-    scored = score(variant, out, args.heldout, args, loop)
+    (scored,) = score(variant, out, [args.heldout], args, loop)
     return dict(name=name, recipe=recipe_name, what=what, config=asdict(cfg), data_fraction=loop.data_fraction,
                 steps=summary["steps"], sequences=summary["sequences"],
                 train_seconds=summary["train_seconds"], tokens_per_second=summary["tokens_per_second"],
@@ -110,18 +110,22 @@ def train_row(variant: str, args, loop: LoopConfig) -> dict:
                 accept=scored["accept"], tau=scored["tau"])  # fmt: skip
 
 
-def score(variant: str, run_dir: Path, features: Path, args, loop: LoopConfig) -> dict:
-    """The row's drafter (``run_dir``/drafter) scored on ``features``, unrolled to ``--eval-unroll`` steps."""
+def score(variant: str, run_dir: Path, sets: list[Path], args, loop: LoopConfig) -> list[dict]:
+    """The row's drafter (``run_dir``/drafter) scored on each features folder of ``sets``,
+    unrolled to ``--eval-unroll`` steps (the target head and the drafter are loaded once)."""
     recipe_name, overrides, _ = VARIANTS[variant]
     recipe = get_recipe(recipe_name)
-    cfg = replace(recipe.preset, **overrides)
+    cfg = _eval_cfg(replace(recipe.preset, **overrides), args.eval_unroll)
     head = TargetHead.load(args.target)
     module, _ = load_drafter(run_dir / "drafter", head.config)
-    terms = evaluate(recipe, _eval_cfg(cfg, args.eval_unroll), module, head, features,
-                     max_seq_len=loop.max_seq_len, batch_tokens=loop.batch_tokens)  # fmt: skip
-    accept = [terms[f"acc/top1_step{j}"] for j in range(1, args.eval_unroll + 1)]
-    return dict(features=portable_path(features), tokens=terms["tokens"], terms=terms, accept=accept,
-                tau={k: tau(accept, k) for k in range(1, args.eval_unroll + 1)})
+    out = []
+    for features in sets:
+        terms = evaluate(recipe, cfg, module, head, features, max_seq_len=loop.max_seq_len,
+                         batch_tokens=loop.batch_tokens)  # fmt: skip
+        accept = [terms[f"acc/top1_step{j}"] for j in range(1, args.eval_unroll + 1)]
+        out.append(dict(features=portable_path(features), tokens=terms["tokens"], terms=terms, accept=accept,
+                        tau={k: tau(accept, k) for k in range(1, args.eval_unroll + 1)}))  # fmt: skip
+    return out
 
 
 def add_scores(row: dict, variant: str, args, loop: LoopConfig) -> dict:
@@ -129,13 +133,13 @@ def add_scores(row: dict, variant: str, args, loop: LoopConfig) -> dict:
     folder is gone keeps what it has, and says so."""
     scores = row.setdefault("scores", {})
     run_dir = args.runs / row["name"].replace("@", "-f")
-    for name, features in args.score:
-        if name in scores:
-            continue
-        if not (run_dir / "drafter").is_dir():
-            print(f"{row['name']}: not scored on {name}: no drafter in {run_dir}", file=sys.stderr)
-            continue
-        scores[name] = {k: v for k, v in score(variant, run_dir, features, args, loop).items() if k != "terms"}
+    missing = [(name, features) for name, features in args.score if name not in scores]
+    if missing and not (run_dir / "drafter").is_dir():
+        print(f"{row['name']}: not scored on {', '.join(n for n, _ in missing)}: no drafter in {run_dir}",
+              file=sys.stderr)  # fmt: skip
+    elif missing:
+        for (name, _), scored in zip(missing, score(variant, run_dir, [f for _, f in missing], args, loop)):
+            scores[name] = {k: v for k, v in scored.items() if k != "terms"}
     return row
 
 
@@ -211,13 +215,14 @@ def main() -> int:
     args = p.parse_args()
     loop = LoopConfig(epochs=args.epochs, max_steps=args.max_steps, batch_tokens=args.batch_tokens, lr=args.lr,
                       dtype=args.dtype, save_every=100, warmup_steps=20)  # fmt: skip
-    train_tokens = sum(e["tokens"] for e in json.loads((args.features / "index.json").read_text())["shards"])
+    index = json.loads((args.features / "index.json").read_text())
+    train_tokens = sum(e["tokens"] for e in index["shards"])
     path = args.out / "recipe_study.json"
     before = json.loads(path.read_text()) if path.exists() else {}
     done = {r["name"]: r for r in before.get("rows", [])}
     score_sets = {**before.get("score_sets", {}), **{n: portable_path(f) for n, f in args.score}}
     runs = [(v, f) for v in args.only for f in args.data_fractions]
-    check_scoring_sets(args, loop)
+    check_scoring_sets(args, loop, tuple(index.get("config", {}).get("aux_layers", ())))
     names = [row_name(v, f) for v, f in runs]
     rows = []
     for (variant, fraction), name in zip(runs, names):
@@ -231,23 +236,25 @@ def main() -> int:
     return 0
 
 
-def check_scoring_sets(args, loop: LoopConfig) -> None:
+def check_scoring_sets(args, loop: LoopConfig, train_aux: tuple) -> None:
     """Fail before any training when a row could not be scored on ``--heldout`` or a ``--score``
     set (e.g. EAGLE-3 rows on features extracted without ``--aux-layers``)."""
-    head = TargetHead.load(args.target)
-    index = json.loads((args.features / "index.json").read_text())
-    train_aux = tuple(index.get("config", {}).get("aux_layers", ()))
+    hidden_size = TargetHead.load(args.target).hidden_size
+    checked = set()
     for variant in args.only:
         recipe_name, overrides, _ = VARIANTS[variant]
         recipe = get_recipe(recipe_name)
         cfg = replace(recipe.preset, **overrides)
+        aux, text_ok = recipe.uses_aux(cfg), recipe.reads_text(cfg)
         for features in [args.heldout] + [f for _, f in args.score]:
+            if (features, aux, text_ok) in checked:  # the same read, for another row
+                continue
+            checked.add((features, aux, text_ok))
             try:
-                data = FeatureDataset(features, loop.max_seq_len, head.hidden_size, aux=recipe.uses_aux(cfg),
-                                      text_ok=recipe.reads_text(cfg))  # fmt: skip
+                data = FeatureDataset(features, loop.max_seq_len, hidden_size, aux=aux, text_ok=text_ok)
             except ValueError as e:
                 raise SystemExit(f"cannot score {variant} rows: {e}") from None
-            if recipe.uses_aux(cfg) and data.aux_layers != train_aux:
+            if aux and data.aux_layers != train_aux:
                 raise SystemExit(f"{features}: aux layers {list(data.aux_layers)}, but the training features "
                                  f"have {list(train_aux)}; extract both with the same --aux-layers")  # fmt: skip
 
