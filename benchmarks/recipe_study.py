@@ -86,6 +86,13 @@ def tau(accept: list[float], k: int) -> float:
     return total
 
 
+def variant_recipe(variant: str):
+    """The variant's recipe and its preset config with the variant's overrides."""
+    recipe_name, overrides, _ = VARIANTS[variant]
+    recipe = get_recipe(recipe_name)
+    return recipe, replace(recipe.preset, **overrides)
+
+
 def row_name(variant: str, fraction: float) -> str:
     """'eagle3-u3', or 'eagle3-u3@0.25' for a row trained on a quarter of the conversations."""
     return variant if fraction == 1.0 else f"{variant}@{fraction:g}"
@@ -94,11 +101,10 @@ def row_name(variant: str, fraction: float) -> str:
 def train_row(variant: str, args, loop: LoopConfig) -> dict:
     """Train and score one variant on ``loop.data_fraction`` of the conversations."""
     name = row_name(variant, loop.data_fraction)
-    recipe_name, overrides, what = VARIANTS[variant]
+    recipe_name, _, what = VARIANTS[variant]
     if loop.data_fraction != 1.0:
         what += f" ({loop.data_fraction:g} of the conversations)"
-    recipe = get_recipe(recipe_name)
-    cfg = replace(recipe.preset, **overrides)
+    recipe, cfg = variant_recipe(variant)
     out = args.runs / name.replace("@", "-f")
     summary = run(recipe, cfg, loop, args.target, args.features, out, resume=(out / "trainer_state.json").exists(),
                   meta={"target": "smollm2-135m", "features": str(args.features)})  # fmt: skip
@@ -113,9 +119,8 @@ def train_row(variant: str, args, loop: LoopConfig) -> dict:
 def score(variant: str, run_dir: Path, sets: list[Path], args, loop: LoopConfig) -> list[dict]:
     """The row's drafter (``run_dir``/drafter) scored on each features folder of ``sets``,
     unrolled to ``--eval-unroll`` steps (the target head and the drafter are loaded once)."""
-    recipe_name, overrides, _ = VARIANTS[variant]
-    recipe = get_recipe(recipe_name)
-    cfg = _eval_cfg(replace(recipe.preset, **overrides), args.eval_unroll)
+    recipe, cfg = variant_recipe(variant)
+    cfg = _eval_cfg(cfg, args.eval_unroll)
     head = TargetHead.load(args.target)
     module, _ = load_drafter(run_dir / "drafter", head.config)
     out = []
@@ -242,9 +247,7 @@ def check_scoring_sets(args, loop: LoopConfig, train_aux: tuple) -> None:
     hidden_size = TargetHead.load(args.target).hidden_size
     checked = set()
     for variant in args.only:
-        recipe_name, overrides, _ = VARIANTS[variant]
-        recipe = get_recipe(recipe_name)
-        cfg = replace(recipe.preset, **overrides)
+        recipe, cfg = variant_recipe(variant)
         aux, text_ok = recipe.uses_aux(cfg), recipe.reads_text(cfg)
         for features in [args.heldout] + [f for _, f in args.score]:
             if (features, aux, text_ok) in checked:  # the same read, for another row
