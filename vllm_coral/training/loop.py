@@ -20,10 +20,20 @@ checkpoint(s) plus ``trainer_state.safetensors`` (trainable weights, AdamW momen
 are functions of (seed, step, rank), so ``resume=True`` after a kill continues bit-for-bit
 (on the same device and dtype) where the last checkpoint left off; resuming with other
 settings, or starting over a folder that holds a run without ``resume``, is refused.
+
+Memory on the CPU: torch allocates tensors there straight from the C allocator, and every
+batch has a new [B, S, H] shape, so glibc's heap fragments and the process grows (measured on
+the HASS recipe, 2 threads: 1.4 to 4.1 GB in 165 steps, 14 GB over a CORAL run, which
+squeezed the page cache holding the features and slowed training by half). Every
+``TRIM_EVERY`` steps the loop hands freed heap pages back with glibc's ``malloc_trim``
+(same speed; 1.2-2.8 GB over the same steps). A fixed ``MALLOC_MMAP_THRESHOLD_`` keeps it
+flatter still but cost 35% in speed. Nothing happens on other C libraries.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
@@ -44,6 +54,25 @@ from vllm_coral.training.recipes import knob
 
 __all__ = ["LoopConfig", "Runtime", "read_state", "run", "select_runtime", "warmup_cosine_lr", "write_state"]
 
+TRIM_EVERY = 10
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` from the symbols already loaded, or None (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``); False where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 @dataclass(frozen=True)
@@ -320,6 +349,8 @@ def run(recipe, cfg, loop: LoopConfig, target: str | Path, features: str | Path,
     for step in range(r.start, r.total):
         terms = _step(r, step)
         done = step + 1
+        if r.rt.device.type == "cpu" and done % TRIM_EVERY == 0:
+            release_freed_memory()
         if writer is not None and (done % loop.log_every == 0 or done == r.total):
             for k, v in terms.items():
                 writer.add_scalar(k, v, done)
