@@ -1,17 +1,19 @@
 """The training loop's process memory on the CPU, step by step, with and without its heap guard.
 
-    python benchmarks/trainer_memory.py --out benchmarks/results/trainer-memory           # ~12 min on 2 cores
-    python benchmarks/trainer_memory.py --steps 10 --arms trim none --out /tmp/trainer-memory   # ~1 min
+    python benchmarks/trainer_memory.py --out benchmarks/results/trainer-memory           # ~20 min on 2 cores
+    python benchmarks/trainer_memory.py --steps 10 --arms shipped none --out /tmp/trainer-memory   # ~1 min
 
-torch allocates CPU tensors straight from the C allocator, and every batch has a new
-[B, S, H] shape, so glibc's heap fragments and the process grows step after step. The loop
-hands freed heap pages back with ``malloc_trim`` every ``TRIM_EVERY`` steps. Arms, each a
-fresh process training the same variant on the same batches:
+Every batch has a new [B, S, H] shape. oneDNN (bf16 matmuls) caches a primitive per shape
+(1,024 by default) and glibc's heap fragments, so the process grew step after step; the
+loop caps oneDNN's cache (``ONEDNN_CACHE``) and hands freed heap pages back with
+``malloc_trim`` every ``TRIM_EVERY`` steps. Arms, each a fresh process training the same
+variant on the same batches:
 
-- ``trim``: the loop as shipped;
-- ``none``: the guard switched off (the "before");
-- ``mmap1m``: no guard, ``MALLOC_MMAP_THRESHOLD_=1048576`` (every tensor over 1 MB is its
-  own mapping, returned at free: the usual alternative).
+- ``shipped``: the loop as it is (both guards);
+- ``trim-only``: oneDNN's default cache, the heap trimmed;
+- ``none``: neither guard (the "before");
+- ``mmap1m``: neither guard, ``MALLOC_MMAP_THRESHOLD_=1048576`` (every tensor over 1 MB is
+  its own mapping, returned at free: the usual alternative for the heap).
 
 ``--features`` trains on a real features folder (page cache and shapes as in a real run);
 without it, on a synthetic one with real shapes (``bench_trainer.synthetic_features``).
@@ -41,7 +43,10 @@ from common import device_name, git_sha, now_utc, write_outputs  # noqa: E402
 
 from vllm_coral.models.targets import fetch_target  # noqa: E402
 
-ARMS = {"trim": {}, "none": {}, "mmap1m": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+_ONEDNN_DEFAULT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+# arm -> (trim the heap, environment)
+ARMS = {"shipped": (True, {}), "trim-only": (True, _ONEDNN_DEFAULT), "none": (False, _ONEDNN_DEFAULT),
+        "mmap1m": (False, {**_ONEDNN_DEFAULT, "MALLOC_MMAP_THRESHOLD_": "1048576"})}
 
 
 def rss_anon_mb() -> float:
@@ -56,7 +61,7 @@ def child(args) -> None:
     import vllm_coral.training.loop as loop_mod
     from vllm_coral.training.recipes import get_recipe
 
-    if args.child != "trim":
+    if not ARMS[args.child][0]:
         loop_mod.TRIM_EVERY = 10**9
     trace, step_fn = [], loop_mod._step
 
@@ -72,15 +77,15 @@ def child(args) -> None:
                                dtype=args.dtype, device="cpu", save_every=10**9, warmup_steps=1)  # fmt: skip
     start = dict(step=0, seconds=time.perf_counter(), rss_anon_mb=rss_anon_mb())
     loop_mod.run(recipe, replace(recipe.preset, **overrides), loop, args.target, args.features,
-                 Path(args.log).parent / f"run-{args.child}", progress=False)  # fmt: skip
+                 Path(args.log).parent / "run", progress=False)  # fmt: skip
     Path(args.log).write_text(json.dumps([start] + trace))
 
 
 def summarize(arm: str, trace: list[dict]) -> dict:
     steps = [b["seconds"] - a["seconds"] for a, b in zip(trace[1:], trace[2:])]  # the first step warms up
     rss = [t["rss_anon_mb"] for t in trace[1:]]
-    return dict(arm=arm, env=ARMS[arm], steps=len(trace) - 1, seconds_per_step=statistics.median(steps),
-                rss_first_mb=rss[0], rss_max_mb=max(rss), rss_last_mb=rss[-1])  # fmt: skip
+    return dict(arm=arm, trim=ARMS[arm][0], env=ARMS[arm][1], steps=len(trace) - 1,
+                seconds_per_step=statistics.median(steps), rss_first_mb=rss[0], rss_max_mb=max(rss), rss_last_mb=rss[-1])  # fmt: skip
 
 
 def to_markdown(result: dict) -> str:
@@ -140,7 +145,7 @@ def main() -> int:
                    "--features", str(features), "--target", str(args.target), "--variant", args.variant,
                    "--steps", str(args.steps), "--epochs", str(args.epochs), "--batch-tokens", str(args.batch_tokens),
                    "--dtype", args.dtype]  # fmt: skip
-            subprocess.run(cmd, check=True, env={**os.environ, **ARMS[arm]})
+            subprocess.run(cmd, check=True, env={**os.environ, **ARMS[arm][1]})
             traces[arm] = json.loads(log.read_text())
             print(f"{arm}: {summarize(arm, traces[arm])}", file=sys.stderr)
     result = dict(device=device_name("cpu"), git=git_sha(), date=now_utc(), variant=args.variant, steps=args.steps,

@@ -21,13 +21,15 @@ are functions of (seed, step, rank), so ``resume=True`` after a kill continues b
 (on the same device and dtype) where the last checkpoint left off; resuming with other
 settings, or starting over a folder that holds a run without ``resume``, is refused.
 
-Memory on the CPU: torch allocates tensors there straight from the C allocator, and every
-batch has a new [B, S, H] shape, so glibc's heap fragments and the process grows (measured on
-the HASS recipe, 2 threads: 1.4 to 4.1 GB in 165 steps, 14 GB over a CORAL run, which
-squeezed the page cache holding the features and slowed training by half). Every
-``TRIM_EVERY`` steps the loop hands freed heap pages back with glibc's ``malloc_trim``
-(same speed; 1.2-2.8 GB over the same steps). A fixed ``MALLOC_MMAP_THRESHOLD_`` keeps it
-flatter still but cost 35% in speed. Nothing happens on other C libraries.
+Memory on the CPU: every batch has a new [B, S, H] shape, and the process grew step after
+step (HASS, 2 threads: 1.4 to 4.1 GB in 165 steps; 14 GB over a CORAL run, which squeezed
+the page cache holding the features and slowed training by half). Two causes, two guards:
+oneDNN (bf16 matmuls) caches a primitive and its scratch memory per shape, 1,024 of them by
+default, so importing this module sets ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` to
+``ONEDNN_CACHE`` unless it is already set (oneDNN reads it once, at its first primitive);
+and glibc's heap fragments (torch allocates CPU tensors straight from malloc), so every
+``TRIM_EVERY`` steps the loop hands freed heap pages back with ``malloc_trim`` (nothing
+happens on other C libraries). ``benchmarks/trainer_memory.py`` measures both.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from vllm_coral.training.recipes import knob
 __all__ = ["LoopConfig", "Runtime", "read_state", "run", "select_runtime", "warmup_cosine_lr", "write_state"]
 
 TRIM_EVERY = 10
+ONEDNN_CACHE = 64  # primitives one step reuses (forward, backward, unrolled steps); a new step brings new shapes
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
 
 
 @functools.cache
