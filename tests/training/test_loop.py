@@ -249,11 +249,11 @@ def test_release_freed_memory_gives_heap_holes_back():
 
 
 @pytest.mark.parametrize("preset, want", [(None, "64"), ("7", "7")])
-def test_the_loop_caps_onednn_primitive_cache_unless_the_user_did(preset, want):
+def test_training_caps_onednn_primitive_cache_unless_the_user_did(preset, want):
     """oneDNN keeps a primitive per matmul shape (1,024 by default) and every batch brings new shapes."""
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     if preset is not None:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
-    code = "import os, vllm_coral.training.loop; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    code = "import os, vllm_coral.training; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert got.strip() == want

@@ -25,7 +25,7 @@ Memory on the CPU: every batch has a new [B, S, H] shape, and the process grew s
 step (HASS, 2 threads: 1.4 to 4.1 GB in 165 steps; 14 GB over a CORAL run, which squeezed
 the page cache holding the features and slowed training by half). Two causes, two guards:
 oneDNN (bf16 matmuls) caches a primitive and its scratch memory per shape, 1,024 of them by
-default, so importing this module sets ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` to
+default, so importing ``vllm_coral.training`` sets ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` to
 ``ONEDNN_CACHE`` unless it is already set (oneDNN reads it once, at its first primitive);
 and glibc's heap fragments (torch allocates CPU tensors straight from malloc), so every
 ``TRIM_EVERY`` steps the loop hands freed heap pages back with ``malloc_trim`` (nothing
@@ -57,8 +57,6 @@ from vllm_coral.training.recipes import knob
 __all__ = ["LoopConfig", "Runtime", "read_state", "run", "select_runtime", "warmup_cosine_lr", "write_state"]
 
 TRIM_EVERY = 10
-ONEDNN_CACHE = 64  # primitives one step reuses (forward, backward, unrolled steps); a new step brings new shapes
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
 
 
 @functools.cache
