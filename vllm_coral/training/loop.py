@@ -29,7 +29,9 @@ default, so importing ``vllm_coral.training`` sets ``ONEDNN_PRIMITIVE_CACHE_CAPA
 ``ONEDNN_CACHE`` unless it is already set (oneDNN reads it once, at its first primitive);
 and glibc's heap fragments (torch allocates CPU tensors straight from malloc), so every
 ``TRIM_EVERY`` steps the loop hands freed heap pages back with ``malloc_trim`` (nothing
-happens on other C libraries). ``benchmarks/trainer_memory.py`` measures both.
+happens on other C libraries). ``benchmarks/trainer_memory.py`` measures both: over 100
+HASS steps on real features the trim does most of it (2.7 GB with neither guard, 2.0 with
+the trim, 1.8 with both, all at the same speed).
 """
 
 from __future__ import annotations
