@@ -23,6 +23,10 @@ also records its wall time and CPU-hours (wall x threads), so recipes compare on
 tau per CPU-hour. Runs resume (``--resume`` in the loop) and finished rows are skipped, so
 a study can be cut and continued.
 
+``--init DRAFTER`` warm-starts every row it trains from that checkpoint (rows named
+``VARIANT+init``; e.g. HASS or CORAL unrolled steps on top of a trained EAGLE drafter, whose
+budget is then the sum of both runs).
+
 ``--score NAME=FEATURES`` scores every row on more feature sets too (a table each). The
 held-out split's answers run to 384 tokens and fall into loops late in long answers, which
 a drafter predicts easily: they overstate what vLLM accepts on short benchmark answers
@@ -86,30 +90,42 @@ def tau(accept: list[float], k: int) -> float:
     return total
 
 
-def variant_recipe(variant: str):
-    """The variant's recipe and its preset config with the variant's overrides."""
+def variant_recipe(variant: str, init: Path | None = None):
+    """The variant's recipe and its preset config with the variant's overrides (and ``init``)."""
     recipe_name, overrides, _ = VARIANTS[variant]
     recipe = get_recipe(recipe_name)
+    if init is not None:
+        if not hasattr(recipe.preset, "init"):
+            raise ValueError(f"--init: recipe {recipe_name} (row {variant}) has no warm start")
+        overrides = {**overrides, "init": str(init)}
     return recipe, replace(recipe.preset, **overrides)
 
 
-def row_name(variant: str, fraction: float) -> str:
-    """'eagle3-u3', or 'eagle3-u3@0.25' for a row trained on a quarter of the conversations."""
-    return variant if fraction == 1.0 else f"{variant}@{fraction:g}"
+def row_name(variant: str, fraction: float, init: Path | None = None) -> str:
+    """'eagle3-u3', 'eagle3-u3@0.25' for a row trained on a quarter of the conversations,
+    'coral-v8k+init' for one warm-started from ``--init``."""
+    return variant + ("" if fraction == 1.0 else f"@{fraction:g}") + ("" if init is None else "+init")
+
+
+def run_folder(runs: Path, name: str) -> Path:
+    return runs / name.replace("@", "-f").replace("+", "-")
 
 
 def train_row(variant: str, args, loop: LoopConfig) -> dict:
     """Train and score one variant on ``loop.data_fraction`` of the conversations."""
-    name = row_name(variant, loop.data_fraction)
+    name = row_name(variant, loop.data_fraction, args.init)
     recipe_name, _, what = VARIANTS[variant]
     if loop.data_fraction != 1.0:
         what += f" ({loop.data_fraction:g} of the conversations)"
-    recipe, cfg = variant_recipe(variant)
-    out = args.runs / name.replace("@", "-f")
+    if args.init is not None:
+        what += f" (from {portable_path(args.init)})"
+    recipe, cfg = variant_recipe(variant, args.init)
+    out = run_folder(args.runs, name)
     summary = run(recipe, cfg, loop, args.target, args.features, out, resume=(out / "trainer_state.json").exists(),
                   meta={"target": "smollm2-135m", "features": str(args.features)})  # fmt: skip
     (scored,) = score(variant, out, [args.heldout], args, loop)
-    return dict(name=name, recipe=recipe_name, what=what, config=asdict(cfg), data_fraction=loop.data_fraction,
+    config = {**asdict(cfg), **({"init": portable_path(args.init)} if args.init is not None else {})}
+    return dict(name=name, recipe=recipe_name, what=what, config=config, data_fraction=loop.data_fraction,
                 steps=summary["steps"], sequences=summary["sequences"],
                 train_seconds=summary["train_seconds"], tokens_per_second=summary["tokens_per_second"],
                 cpu_hours=summary["train_seconds"] * torch.get_num_threads() / 3600, heldout=scored["terms"],
@@ -137,7 +153,7 @@ def add_scores(row: dict, variant: str, args, loop: LoopConfig) -> dict:
     """Score ``row`` on every ``--score`` set it lacks (from its run folder); a row whose run
     folder is gone keeps what it has, and says so."""
     scores = row.setdefault("scores", {})
-    run_dir = args.runs / row["name"].replace("@", "-f")
+    run_dir = run_folder(args.runs, row["name"])
     missing = [(name, features) for name, features in args.score if name not in scores]
     if missing and not (run_dir / "drafter").is_dir():
         print(f"{row['name']}: not scored on {', '.join(n for n, _ in missing)}: no drafter in {run_dir}",
@@ -214,6 +230,8 @@ def main() -> int:
     p.add_argument("--eval-unroll", type=int, default=5)
     p.add_argument("--data-fractions", type=float, nargs="+", default=[1.0],
                    help="train every row on each of these shares of the conversations (data-size ablation)")
+    p.add_argument("--init", type=Path, default=None, help="warm-start every row from this drafter checkpoint "
+                   "(rows named VARIANT+init)")  # fmt: skip
     p.add_argument("--score", action="append", default=[], type=_named_path, metavar="NAME=FEATURES",
                    help="also score every row on these features (e.g. MT-bench answered as the served benchmark "
                         "does); finished rows are scored from their run folder")  # fmt: skip
@@ -228,7 +246,7 @@ def main() -> int:
     score_sets = {**before.get("score_sets", {}), **{n: portable_path(f) for n, f in args.score}}
     runs = [(v, f) for v in args.only for f in args.data_fractions]
     check_scoring_sets(args, loop, tuple(index.get("config", {}).get("aux_layers", ())))
-    names = [row_name(v, f) for v, f in runs]
+    names = [row_name(v, f, args.init) for v, f in runs]
     rows = []
     for (variant, fraction), name in zip(runs, names):
         row = done.get(name) or train_row(variant, args, replace(loop, data_fraction=fraction))

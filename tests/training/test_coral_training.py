@@ -5,6 +5,7 @@ load)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,21 @@ def test_train_coral_writes_a_drafter(target_path, tiny_features, tmp_path):
     assert summary["steps"] == 3 and "loss/csra" in summary["last"]
     ckpt = validate_drafter(tmp_path / "run" / "drafter", TargetHead.load(target_path).config)
     assert (ckpt.family.name, ckpt.recipe) == ("eagle", "coral")
+
+
+def test_warm_start_loads_the_checkpoint_and_refuses_another_family(target_path, tiny_features):
+    """--init: CORAL starts from the committed 12K EAGLE drafter's weights; an FSPAD checkpoint is refused."""
+    root = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m"
+    head = TargetHead.load(target_path)
+    data = FeatureDataset(tiny_features, 64, head.hidden_size)
+    drafter = CORAL.build(replace(CORAL.preset, init=str(root / "eagle-12k")), head, data)
+    eagle, _ = load_drafter(root / "eagle-12k", head.config)
+    for name, tensor in eagle.state_dict().items():
+        assert torch.equal(drafter.state_dict()[name], tensor), name
+    fresh = CORAL.build(CORAL.preset, head, data)
+    assert not torch.equal(fresh.fc.weight, eagle.fc.weight)
+    with pytest.raises(ValueError, match="a fspad drafter, but this recipe trains eagle drafters"):
+        HASS.build(replace(HASS.preset, init=str(root / "fspad")), head, data)
 
 
 @pytest.fixture(scope="module")

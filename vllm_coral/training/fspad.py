@@ -35,7 +35,14 @@ from dataclasses import dataclass, replace
 
 from vllm_coral.models.fspad import FspadConfig, FspadDrafter
 from vllm_coral.training.recipes import Recipe, knob
-from vllm_coral.training.unrolled import TopKDistill, UnrolledConfig, attach_loss_vocab, exporter, unrolled_loss
+from vllm_coral.training.unrolled import (
+    TopKDistill,
+    UnrolledConfig,
+    attach_loss_vocab,
+    exporter,
+    unrolled_loss,
+    warm_start,
+)
 
 __all__ = ["FSPAD", "FSPAD_HASS", "FspadTrainConfig"]
 
@@ -50,7 +57,7 @@ class FspadTrainConfig(UnrolledConfig):
 
 def _build(cfg: FspadTrainConfig, head, data) -> FspadDrafter:
     drafter = FspadDrafter(FspadConfig.from_target(head.config, feature_sampling=cfg.feature_sampling, pad=cfg.pad))
-    return attach_loss_vocab(drafter, cfg, head, data)
+    return attach_loss_vocab(warm_start(drafter, cfg, head, "fspad"), cfg, head, data)
 
 
 FSPAD = Recipe(name="fspad", family="fspad", preset=FspadTrainConfig(), build=_build, loss=unrolled_loss,

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
-from vllm_coral.models.registry import save_drafter
+from vllm_coral.models.checkpoint import load_checkpoint
+from vllm_coral.models.registry import save_drafter, validate_drafter
 from vllm_coral.training.losses import (
     csra_loss,
     feature_loss,
@@ -51,7 +52,7 @@ from vllm_coral.training.losses import (
 from vllm_coral.training.recipes import Recipe, knob
 
 __all__ = ["CORAL", "CSRA", "EAGLE", "HASS", "TopKDistill", "UnrolledConfig", "attach_loss_vocab", "exporter",
-           "hass_attention_mask", "loss_head", "next_token_weight", "unrolled_loss", "unrolled_steps"]  # fmt: skip
+           "hass_attention_mask", "loss_head", "next_token_weight", "unrolled_loss", "unrolled_steps", "warm_start"]  # fmt: skip
 
 
 
@@ -84,6 +85,8 @@ class UnrolledConfig:
     topk: TopKDistill | None = knob(None, "HASS top-K distillation (--no-topk: off)")
     csra: CSRA | None = knob(None, "CORAL cross-step alignment (--no-csra: off)")
     loss_vocab: int | None = knob(None, "train the logit losses on the N most written tokens only (none: all)")
+    init: str | None = knob(None, "start from this drafter checkpoint of the recipe's family (a warm start, e.g. "
+                                  "HASS or CORAL from a trained EAGLE drafter) instead of random weights")
 
     def __post_init__(self) -> None:
         if self.unroll < 1:
@@ -133,7 +136,22 @@ def next_token_weight(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _build(cfg: UnrolledConfig, head, data) -> EagleDrafter:
-    return attach_loss_vocab(EagleDrafter(EagleConfig.from_target(head.config)), cfg, head, data)
+    drafter = warm_start(EagleDrafter(EagleConfig.from_target(head.config)), cfg, head, "eagle")
+    return attach_loss_vocab(drafter, cfg, head, data)
+
+
+def warm_start(drafter: torch.nn.Module, cfg: UnrolledConfig, head, family: str) -> torch.nn.Module:
+    """``drafter`` with the weights of checkpoint ``cfg.init`` (validated against the target),
+    or as it is when there is none; a checkpoint of another family or shape is refused."""
+    if cfg.init is None:
+        return drafter
+    ckpt = validate_drafter(cfg.init, head.config)
+    if ckpt.family.name != family:
+        raise ValueError(f"--init {cfg.init}: a {ckpt.family.name} drafter, but this recipe trains {family} drafters")
+    if ckpt.config != drafter.config:
+        raise ValueError(f"--init {cfg.init}: its config {ckpt.config} is not the one this run builds ({drafter.config})")
+    drafter.load_checkpoint_tensors(load_checkpoint(ckpt.path, ckpt.config.tensor_specs()))
+    return drafter
 
 
 def attach_loss_vocab(drafter: torch.nn.Module, cfg: UnrolledConfig, head, data) -> torch.nn.Module:
