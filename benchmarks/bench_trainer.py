@@ -61,6 +61,13 @@ PRESETS = {
 AUX_LAYERS = (2, 15, 27)
 
 
+def variant_config(name: str):
+    """The variant's recipe and its preset config with the variant's overrides."""
+    recipe_name, overrides, _ = VARIANTS[name]
+    recipe = get_recipe(recipe_name)
+    return recipe, replace(recipe.preset, **overrides)
+
+
 def synthetic_features(folder: Path, sequences: int, hidden: int, vocab: int, seed: int = 0) -> Path:
     """A features folder (one shard) with real shapes and random values."""
     g = torch.Generator().manual_seed(seed)
@@ -98,9 +105,7 @@ def measure(preset: dict, target: Path, work: Path, batch_tokens: int, device: s
     rows = []
     for rnd in range(preset["rounds"]):
         for name in preset["recipes"]:
-            recipe_name, overrides, _ = VARIANTS[name]
-            recipe = get_recipe(recipe_name)
-            cfg = replace(recipe.preset, **overrides)
+            recipe, cfg = variant_config(name)
             for dtype in preset["dtypes"]:
                 loop = LoopConfig(max_steps=preset["steps"], batch_tokens=batch_tokens, warmup_steps=1, device=device,
                                   dtype=dtype, save_every=10**9, log_every=10**9)  # fmt: skip

@@ -32,13 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trainer import VARIANTS, synthetic_features  # noqa: E402
+from bench_trainer import VARIANTS, synthetic_features, variant_config  # noqa: E402
 from common import device_name, git_sha, now_utc, write_outputs  # noqa: E402
 
 from vllm_coral.models.targets import fetch_target  # noqa: E402
@@ -59,7 +58,6 @@ def rss_anon_mb() -> float:
 def child(args) -> None:
     """One arm: train ``args.variant`` for ``args.steps`` steps, recording memory after each."""
     import vllm_coral.training.loop as loop_mod
-    from vllm_coral.training.recipes import get_recipe
 
     if not ARMS[args.child][0]:
         loop_mod.TRIM_EVERY = 10**9
@@ -71,12 +69,11 @@ def child(args) -> None:
         return terms
 
     loop_mod._step = traced
-    recipe_name, overrides, _ = VARIANTS[args.variant]
-    recipe = get_recipe(recipe_name)
+    recipe, cfg = variant_config(args.variant)
     loop = loop_mod.LoopConfig(epochs=args.epochs, max_steps=args.steps, batch_tokens=args.batch_tokens, lr=1e-3,
                                dtype=args.dtype, device="cpu", save_every=10**9, warmup_steps=1)  # fmt: skip
     start = dict(step=0, seconds=time.perf_counter(), rss_anon_mb=rss_anon_mb())
-    loop_mod.run(recipe, replace(recipe.preset, **overrides), loop, args.target, args.features,
+    loop_mod.run(recipe, cfg, loop, args.target, args.features,
                  Path(args.log).parent / "run", progress=False)  # fmt: skip
     Path(args.log).write_text(json.dumps([start] + trace))
 
