@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vllm_coral.models.coral import routed_top_tokens, select_groups
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
-from vllm_coral.models.registry import load_drafter, validate_drafter
+from vllm_coral.models.registry import load_drafter, read_drafter, validate_drafter
 from vllm_coral.models.target import TargetHead
 from vllm_coral.training.dataset import FeatureDataset
 from vllm_coral.training.loop import LoopConfig, run
@@ -80,6 +80,20 @@ def test_warm_start_loads_the_checkpoint_and_refuses_another_family(target_path,
     assert not torch.equal(fresh.fc.weight, eagle.fc.weight)
     with pytest.raises(ValueError, match="a fspad drafter, but this recipe trains eagle drafters"):
         HASS.build(replace(HASS.preset, init=str(root / "fspad")), head, data)
+
+
+@pytest.mark.slow
+def test_warm_start_checkpoint_records_what_it_continued(target_path, tiny_features, tmp_path, monkeypatch):
+    """The exported drafter names the checkpoint it started from, as a portable path; a
+    cold start records none."""
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    loop = LoopConfig(max_steps=1, batch_tokens=256, save_every=1, warmup_steps=1, epochs=1)
+    warm = replace(CORAL.preset, init=str(root / "checkpoints" / "smollm2-135m" / "eagle-12k"))
+    run(CORAL, warm, loop, target_path, tiny_features, tmp_path / "warm", progress=False)
+    assert read_drafter(tmp_path / "warm" / "drafter").training["init"] == "checkpoints/smollm2-135m/eagle-12k"
+    run(CORAL, CORAL.preset, loop, target_path, tiny_features, tmp_path / "cold", progress=False)
+    assert "init" not in read_drafter(tmp_path / "cold" / "drafter").training
 
 
 @pytest.fixture(scope="module")

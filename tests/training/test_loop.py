@@ -202,7 +202,8 @@ def test_a_data_fraction_is_a_nested_seeded_subset(tiny_features):
 @pytest.mark.slow
 def test_data_fraction_trains_on_fewer_batches(target_path, tiny_features, tmp_path):
     """Same steps asked for, a quarter of the conversations: fewer batches per epoch, so
-    the run ends at its (smaller) epoch budget; a run saved before the field existed resumes."""
+    the run ends at its (smaller) epoch budget; a run saved before a loop field or a recipe
+    knob existed resumes (each counts as its default), and one that differs is still refused."""
     out = tmp_path / "q"
     proc = subprocess.run(_train_cmd(target_path, tiny_features, out, "--data-fraction", "0.25", "--max-steps", "100")
                           + ["--epochs", "1"], capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -214,6 +215,7 @@ def test_data_fraction_trains_on_fewer_batches(target_path, tiny_features, tmp_p
                    timeout=600)  # fmt: skip
     saved = json.loads((full / "trainer_state.json").read_text())
     del saved["loop"]["data_fraction"]  # as written before the field existed
+    del saved["recipe_config"]["noise_std"]  # as written before the knob existed
     (full / "trainer_state.json").write_text(json.dumps(saved))
     again = subprocess.run(_train_cmd(target_path, tiny_features, full, "--max-steps", "3", "--resume"),
                            capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -221,6 +223,9 @@ def test_data_fraction_trains_on_fewer_batches(target_path, tiny_features, tmp_p
     again = subprocess.run(_train_cmd(target_path, tiny_features, full, "--max-steps", "2", "--resume"),
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
+    again = subprocess.run(_train_cmd(target_path, tiny_features, full, "--max-steps", "2", "--resume",
+                                      "--noise-std", "0.5"), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode != 0 and "different recipe_config" in again.stderr
 
 
 _FRAGMENT = """

@@ -265,8 +265,11 @@ def _setup(recipe, cfg, loop: LoopConfig, target, features, out: Path, resume: b
     if resume and state_file.exists():
         saved, tensors = read_state(out, "trainer_state")
         want = json.loads(json.dumps(run_.state_meta(saved["step"])))  # tuples as JSON lists
-        # A loop field added since the run was saved counts as its default.
+        # A loop field or recipe knob added since the run was saved counts as its default
+        # (the recipe's preset value), so an upgrade does not strand a half-finished run.
         saved["loop"] = {**json.loads(json.dumps(asdict(LoopConfig()))), **saved.get("loop", {})}
+        preset = json.loads(json.dumps(asdict(recipe.preset)))
+        saved["recipe_config"] = {**preset, **saved.get("recipe_config", {})}
         for key in ("recipe", "recipe_config", "loop", "world_size"):
             if saved.get(key) != want[key]:
                 raise ValueError(f"{out}: --resume with a different {key} than the saved run ({saved.get(key)})")

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from vllm_coral.models.eagle import EagleConfig, EagleDrafter
-from vllm_coral.models.checkpoint import load_checkpoint
+from vllm_coral.models.checkpoint import load_checkpoint, portable_path
 from vllm_coral.models.registry import save_drafter, validate_drafter
 from vllm_coral.training.losses import (
     csra_loss,
@@ -219,6 +219,8 @@ def _step_terms(cfg: UnrolledConfig, h, f_next, log_q, target, ones):
 
 def exporter(name: str, family: str = "eagle"):
     def export(cfg, drafter, head, out: Path, training: dict) -> list[Path]:
+        if cfg.init is not None:  # a warm start records the checkpoint it continued
+            training = {**training, "init": portable_path(cfg.init)}
         return [save_drafter(drafter, out / "drafter", family=family, recipe=name, training=training)]
 
     return export
