@@ -8,11 +8,15 @@ same chat prompts at T=0:
    own drafter. Every draft must be accepted (per-position acceptance 1.0), so this row
    checks the acceptance accounting end to end; it is no faster than the target alone
    (the drafter costs as much as the target; only vLLM's per-step overhead is shared);
-3. ``ngram``: vLLM's prompt-lookup drafter, the free baseline a trained drafter must beat;
-4. each drafter committed under ``checkpoints/<target>/`` (EAGLE and HASS baselines and the
-   CORAL drafter with its LM-head router, trained by ``vllm-coral train``), served by vLLM's
-   ``eagle`` method (CORAL through the plugin's routed-head drafter class), and the small-LM
-   drafter (``train small-lm``), served by vLLM's own ``draft_model`` method.
+3. ``ngram``: vLLM's prompt-lookup drafter, the free baseline a trained drafter must beat,
+   and
+4. the drafters the reference benchmark compares (``benchmarks/configs/<target>.json``, the
+   one list of shipped drafters: the tier (b) product, the EAGLE-2 / HASS / CORAL / EAGLE-3
+   retrains on the 12K set, and the families not retrained yet), served by vLLM's ``eagle``
+   or ``eagle3`` method (CORAL, CORAL-3 and FSPAD through the plugin's drafter classes) and
+   the small-LM drafter by vLLM's own ``draft_model`` method. Other folders under
+   ``checkpoints/<target>/`` are history (the drafters they replaced), served by nothing
+   unless named.
 
 and prints a table (tokens/s, speedup, τ, acceptance per position, and whether every
 output is token-identical to the target's), writing the same numbers to JSON. Requests run
@@ -36,12 +40,12 @@ from vllm_coral.models.checkpoint import read_config
 from vllm_coral.models.targets import fetch_target
 from vllm_coral.plugin.engine import quiet_vllm_logs
 from vllm_coral.prompts import Prompt
-from vllm_coral.workflows.bench.methods import drafter_entry, resolve_methods
+from vllm_coral.workflows.bench.methods import load_methods_file, resolve_methods
 from vllm_coral.workflows.bench.offline import OfflineRow, run_offline
 from vllm_coral.workflows.bench.report import aggregate_repeats, identical_text, run_metadata, speedup_text, write_run
 from vllm_coral.workflows.install import pip_install
 
-__all__ = ["DEFAULT_PROMPTS", "committed_drafters", "format_table", "run_demo"]
+__all__ = ["DEFAULT_PROMPTS", "committed_drafters", "format_table", "run_demo", "shipped_methods"]
 
 DEFAULT_PROMPTS = [
     "Write a short poem about the sea.",
@@ -50,17 +54,29 @@ DEFAULT_PROMPTS = [
     "What are three tips for staying focused while studying?",
 ]
 
-# Small trained drafters committed with the repository (EAGLE format, served by plain vLLM).
+# Small trained drafters committed with the repository, and the method rows that serve them.
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 
 def committed_drafters(target: str) -> dict[str, Path]:
-    """row label (the folder name) -> checkpoint folder of the drafters trained for ``target``
-    that ship here; what each one is comes from its config.json (``drafter_entry``)."""
+    """row label (the folder name) -> checkpoint folder of every drafter committed for
+    ``target``, history included; what each one is comes from its config.json. The ones the demo serves are :func:`shipped_methods`."""
     folder = CHECKPOINTS / target
     if not folder.is_dir():
         return {}
     return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
+
+
+def shipped_methods(target: str) -> tuple[list[dict], Path]:
+    """(method rows, the folder their paths are relative to) of the drafters shipped for
+    ``target``: the reference benchmark's methods file, less the target row (callers add it).
+    No file for ``target``: no rows (the built-in methods still run)."""
+    path = METHOD_CONFIGS / f"{target}.json"
+    if not path.is_file():
+        return [], Path.cwd()
+    entries, _, base_dir = load_methods_file(path)
+    return [e for e in entries if not (isinstance(e, dict) and e.get("method") == "none")], base_dir
 
 
 def run_demo(
@@ -83,10 +99,11 @@ def run_demo(
     entries = [
         {"name": "target", "method": "none"},
         {"name": "draft_model (self)", "method": "draft_model", "model": str(model)},
-        {"name": "ngram", "method": "ngram"},  # prompt lookup 2..4: the methods default
     ]
-    entries += [drafter_entry(name, ckpt) for name, ckpt in committed_drafters(target).items()]
-    specs = resolve_methods(entries, target_config=read_config(model), default_k=num_speculative_tokens)
+    shipped, base_dir = shipped_methods(target)  # ngram first, then the trained drafters
+    entries += shipped
+    specs = resolve_methods(entries, target_config=read_config(model), default_k=num_speculative_tokens,
+                            base_dir=base_dir)  # fmt: skip
     if prompts is None:
         prompts = [Prompt(id=f"demo/{i}", turns=(p,)) for i, p in enumerate(DEFAULT_PROMPTS)]
     meta = run_metadata()

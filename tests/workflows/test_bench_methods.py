@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_coral.demo import shipped_methods
 from vllm_coral.models.checkpoint import read_config
 from vllm_coral.workflows.bench.methods import MethodSpec, load_methods_file, parse_method, resolve_methods
 from vllm_coral.workflows.bench.offline import engine_plan
@@ -126,11 +127,17 @@ def test_engine_plan_worked_example():
 
 
 def test_reference_methods_file_resolves(target_config):
-    """benchmarks/configs/smollm2-135m.json (the committed reference run) names valid rows."""
+    """benchmarks/configs/smollm2-135m.json (the reference run's rows, and the demo's) names
+    valid rows: every checkpoint exists, matches the target and holds the method its row names."""
     entries, k, base = load_methods_file(CKPTS.parents[1] / "benchmarks" / "configs" / "smollm2-135m.json")
     specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
     assert [s.error for s in specs] == [None] * len(specs)
-    assert [s.method for s in specs] == ["none", "ngram", "eagle", "hass", "coral", "fspad", "coral3", "small-lm"]
+    assert [s.method for s in specs] == ["none", "ngram", "coral-router", "coral-router", "hass", "eagle", "eagle3",
+                                         "fspad", "coral-router", "small-lm"]  # fmt: skip
+    # The demo serves the same rows (less the target, which it adds itself, with draft_model).
+    shipped, base_dir = shipped_methods("smollm2-135m")
+    assert base_dir == base and shipped == entries[1:]
+    assert shipped_methods("no-such-target") == ([], Path.cwd())
 
 
 def _fake_engines(monkeypatch, speeds: dict[str, list[float]], fail: str | None = None):

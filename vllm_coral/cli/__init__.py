@@ -9,7 +9,7 @@
     vllm-coral drafter info checkpoints/smollm2-135m/*   # validate and describe checkpoints
     vllm-coral drafter upgrade runs/eagle/drafter        # convert an older checkpoint once
     vllm-coral bench offline --methods benchmarks/configs/smollm2-135m.json --questions q/gsm8k.jsonl --out r/off
-    vllm-coral demo                           # target vs the committed drafters, through real vLLM
+    vllm-coral demo                           # target vs the shipped drafters, through real vLLM
     vllm-coral env                            # versions and the CPU defaults in force
 
 Errors in user input print one line, ``vllm-coral: error: ...``, and exit with status 2.

@@ -1,6 +1,6 @@
 """``vllm-coral demo | bench``: speculative decoding measured through real vLLM.
 
-    vllm-coral demo                           # target vs the committed drafters, T=0
+    vllm-coral demo                           # target vs the shipped drafters, T=0
     vllm-coral bench questions gsm8k --limit 100 --out q/gsm8k.jsonl
     vllm-coral bench offline --methods benchmarks/configs/smollm2-135m.json --questions q/gsm8k.jsonl --out r/off
     vllm-coral bench serve --questions q/gsm8k.jsonl --concurrency 1 4 16 --out r/serve
@@ -40,10 +40,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _bench_inputs(args: argparse.Namespace):
     """(target folder, method rows, datasets) shared by ``bench offline`` and ``bench serve``."""
     from vllm_coral.cli import resolve_target
-    from vllm_coral.demo import committed_drafters
+    from vllm_coral.demo import shipped_methods
     from vllm_coral.models.checkpoint import read_config
     from vllm_coral.plugin.engine import quiet_vllm_logs
-    from vllm_coral.workflows.bench.methods import drafter_entry, load_methods_file, parse_method, resolve_methods
+    from vllm_coral.workflows.bench.methods import load_methods_file, parse_method, resolve_methods
     from vllm_coral.workflows.bench.questions import load_questions
     from vllm_coral.workflows.bench.sweep import expand_k
 
@@ -56,9 +56,9 @@ def _bench_inputs(args: argparse.Namespace):
         entries, file_k, base_dir = load_methods_file(args.methods)
         default_k = file_k or default_k
     entries += [parse_method(text) for text in args.method]
-    if not entries:
-        entries = [{"name": "target", "method": "none"}, {"name": "ngram", "method": "ngram"}]
-        entries += [drafter_entry(name, path) for name, path in committed_drafters(args.target).items()]
+    if not entries:  # the demo's rows: the target, ngram and the shipped drafters
+        entries, base_dir = shipped_methods(args.target)
+        entries = [{"name": "target", "method": "none"}, *entries]
     entries = expand_k(entries, args.k)
     specs = resolve_methods(entries, target_config=target_config, default_k=default_k, base_dir=base_dir,
                             resolve_model=resolve_target)  # fmt: skip
@@ -151,7 +151,7 @@ def add_bench_commands(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    demo = sub.add_parser("demo", help="the target alone vs self-drafting and the committed drafters, in vLLM (T=0)")
+    demo = sub.add_parser("demo", help="the target alone vs self-drafting, ngram and the shipped drafters, in vLLM (T=0)")
     demo.add_argument("--target", default="smollm2-135m")
     demo.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     demo.add_argument("--max-tokens", type=int, default=128)
@@ -176,7 +176,8 @@ def _add_bench(sub) -> None:
                        ("serve", "every method behind vllm serve, OpenAI client at several concurrencies")):  # fmt: skip
         b = bench.add_parser(kind, help=text)
         b.add_argument("--target", default="smollm2-135m", help="embedded target name or a model folder")
-        b.add_argument("--methods", type=Path, help="methods JSON file (see vllm_coral/workflows/bench/methods.py)")
+        b.add_argument("--methods", type=Path, help="methods JSON file (see vllm_coral/workflows/bench/methods.py); "
+                       "without it or --method: the demo's rows, benchmarks/configs/TARGET.json")  # fmt: skip
         b.add_argument("--method", action="append", default=[], help="one method as a JSON object; repeatable")
         b.add_argument("--questions", action="append", required=True,
                        help="[NAME=]PATH of an MT-bench-format .jsonl; repeatable")  # fmt: skip

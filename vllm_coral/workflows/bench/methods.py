@@ -43,7 +43,6 @@ __all__ = [
     "BenchError",
     "DRAFT_SAMPLE_METHODS",
     "MethodSpec",
-    "drafter_entry",
     "load_methods_file",
     "method_names",
     "parse_method",
@@ -233,13 +232,6 @@ def _speculative_config(entry: dict, method: str, k: int, target_config: dict, b
         raise ValueError(f"checkpoint {folder} holds a {drafter.recipe} drafter ({drafter.family.name} family), "
                          f"not {method}")  # fmt: skip
     return drafter.speculative_config(k)
-
-
-def drafter_entry(name: str, path: str | Path) -> dict:
-    """A method row for one of our checkpoints, its method read from the checkpoint (its recipe)."""
-    from vllm_coral.models.registry import read_drafter
-
-    return {"name": name, "method": read_drafter(path).recipe, "checkpoint": str(path)}
 
 
 def _looks_like_path(text: str) -> bool:
