@@ -140,6 +140,15 @@ def test_reference_methods_file_resolves(target_config):
     assert shipped_methods("no-such-target") == ([], Path.cwd())
 
 
+def test_product_study_methods_file_resolves(target_config):
+    """benchmarks/configs/smollm2-135m-product.json (the product drafter beside its own bases)
+    names checkpoints that exist and match; only the product row follows the k sweep."""
+    entries, k, base = load_methods_file(CKPTS.parents[1] / "benchmarks" / "configs" / "smollm2-135m-product.json")
+    specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
+    assert [s.error for s in specs] == [None] * len(specs)
+    assert [e["name"] for e in entries if "num_speculative_tokens" not in e] == ["target", "CORAL-warm (product)"]
+
+
 def _fake_engines(monkeypatch, speeds: dict[str, list[float]], fail: str | None = None):
     """Engines that record every timed pass as (engine, row method, repeat) and take their
     tokens/s from ``speeds[engine]`` in turn; ``fail`` names an engine whose passes crash."""
