@@ -153,7 +153,8 @@ def add_bench_commands(sub) -> None:
 def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the target alone vs self-drafting, ngram and the shipped drafters, in vLLM (T=0)")
     demo.add_argument("--target", default="smollm2-135m")
-    demo.add_argument("--k", type=int, default=3, help="num_speculative_tokens of the rows that do not set their own (the product, CORAL and EAGLE-3 rows use 2)")
+    demo.add_argument("--k", type=int, default=3,
+                      help="num_speculative_tokens of the rows that do not set their own (the swept rows use 2)")
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.add_argument("--questions", type=Path, default=None, help="MT-bench-format .jsonl (all turns of each question)")
     demo.add_argument("--num-prompts", type=int, default=4)
