@@ -126,12 +126,19 @@ def test_engine_plan_worked_example():
     assert plan == [("greedy", [0.0]), ("probabilistic", [1.0])]
 
 
+def _resolve_committed_config(name: str, target_config: dict):
+    """(entries, base folder, specs) of a methods file under benchmarks/configs/, after
+    checking that every row resolves without an error."""
+    entries, k, base = load_methods_file(CKPTS.parents[1] / "benchmarks" / "configs" / name)
+    specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
+    assert [s.error for s in specs] == [None] * len(specs)
+    return entries, base, specs
+
+
 def test_reference_methods_file_resolves(target_config):
     """benchmarks/configs/smollm2-135m.json (the reference run's rows, and the demo's) names
     valid rows: every checkpoint exists, matches the target and holds the method its row names."""
-    entries, k, base = load_methods_file(CKPTS.parents[1] / "benchmarks" / "configs" / "smollm2-135m.json")
-    specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
-    assert [s.error for s in specs] == [None] * len(specs)
+    entries, base, specs = _resolve_committed_config("smollm2-135m.json", target_config)
     assert [s.method for s in specs] == ["none", "ngram", "coral-router", "coral-router", "hass", "eagle", "eagle3",
                                          "fspad", "coral-router", "small-lm"]  # fmt: skip
     # The demo serves the same rows (less the target, which it adds itself, with draft_model).
@@ -143,9 +150,7 @@ def test_reference_methods_file_resolves(target_config):
 def test_product_study_methods_file_resolves(target_config):
     """benchmarks/configs/smollm2-135m-product.json (the product drafter beside its own bases)
     names checkpoints that exist and match; only the product row follows the k sweep."""
-    entries, k, base = load_methods_file(CKPTS.parents[1] / "benchmarks" / "configs" / "smollm2-135m-product.json")
-    specs = resolve_methods(entries, target_config=target_config, default_k=k, base_dir=base)
-    assert [s.error for s in specs] == [None] * len(specs)
+    entries, _, _ = _resolve_committed_config("smollm2-135m-product.json", target_config)
     assert [e["name"] for e in entries if "num_speculative_tokens" not in e] == ["target", "CORAL-warm (product)"]
 
 
